@@ -1,0 +1,32 @@
+"""Shared fixtures: the real assets (built by ../shared/tools, paths from the environment) and data files."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    path = os.environ.get("CUT_SMOLLM2")
+    if not path or not Path(path, "model.safetensors").exists():
+        pytest.skip("set CUT_SMOLLM2 to a directory built by ../shared/tools/get_smollm2.sh")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_file():
+    path = os.environ.get("CUT_LLAMA3_TOKENIZER")
+    if not path or not Path(path).exists():
+        pytest.skip("set CUT_LLAMA3_TOKENIZER to a file built by ../shared/tools/get_llama3_tokenizer.sh")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent")
+    return SHARED_DATA
