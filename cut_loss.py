@@ -1,0 +1,77 @@
+"""CUT's loss, as written in method.md ("The loss"): log-probs of the response tokens -> L_CUT = L1 + L2.
+
+Pure torch: no model, no tokenizer. Shapes: R sequences (rows) of a batch, T positions, V vocabulary,
+B triples, N response tokens per row, left-aligned (column t = t-th token of y, EOS included), and a
+float `mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is method.md's N.
+"""
+import torch
+import torch.nn.functional as F
+
+LOSS_MODES = ('cut', 'sft', 'sft_all', 'hindsight', 'forward')
+MIN_1M_P = 1e-5  # floor on 1 - p_x inside log(1 - p_x): finite loss and gradient as p_x -> 1
+
+
+def response_logprobs(logits, targets, ignore_index=-100):
+    """log p(target) of every trained token, left-aligned per row: (logp (R, N), mask (R, N) float).
+
+    logits (R, T, V); targets (R, T) next-token targets, ignore_index except on the trained span (y + EOS).
+    """
+    trained = targets != ignore_index
+    rows, pos = trained.nonzero(as_tuple=True)
+    # Only the trained positions go through the log-softmax, in float32 (autocast keeps cross_entropy there).
+    token_logp = -F.cross_entropy(logits[rows, pos].float(), targets[rows, pos], reduction='none')
+    lengths = trained.sum(1)
+    slot = trained.cumsum(1)[rows, pos] - 1  # 0 at the first trained position of each row
+    N = int(lengths.max()) if len(targets) else 0
+    logp = token_logp.new_zeros(len(targets), N).index_put((rows, slot), token_logp)
+    mask = (torch.arange(N, device=targets.device) < lengths[:, None]).float()
+    return logp, mask
+
+
+def mle_loss(logp, mask):
+    """Mean over rows of -(1/N_b) * sum_t log p(y_t): L2 of a triple, and the whole loss of sft/sft_all/hindsight."""
+    row_nll = -(mask * logp).sum(1) / mask.sum(1).clamp(min=1)  # a row without tokens contributes 0
+    return row_nll.sum() / max(len(logp), 1)
+
+
+def cut_loss(logp_x, logp_j, is_neg, mask, lam=1.1, alpha=1.0, gamma=0.0, logp_pos=None):
+    """L_CUT = L1 + L2 per triple, averaged over the B triples. Returns (loss, stats).
+
+    logp_x  (B, N): log p_x(t) = log p(y_t | y_<t, x)
+    logp_j  (B, N): log p_n(t) = log p(y_t | y_<t, x, j-) on flawed rows (ignored on acceptable ones)
+    is_neg  (B,)  : True for a flawed triple
+    logp_pos      : log p_p(t) = log p(y_t | y_<t, x, j+) for an explicit j+; None: j+ is no judgment, p_p = p_x
+    """
+    neg = is_neg[:, None]
+    # L2 trains [x, j-] -> y on flawed triples and x -> y on acceptable ones.
+    logp_l2 = torch.where(neg, logp_j, logp_x)
+    neg_mask = mask * neg  # L1 exists only on the tokens of flawed responses
+    with torch.no_grad():  # U and the weight are constants: no gradient flows through them
+        logp_p = logp_x if logp_pos is None else logp_pos
+        U = (logp_l2.exp() - lam * logp_p.exp() > 0) & (neg_mask > 0)
+        weight = alpha * logp_l2.exp() ** gamma  # alpha * p_n(t)^gamma, paper Eq. 6
+    log_1m_px = torch.log((-torch.expm1(logp_x)).clamp(min=MIN_1M_P))  # log(1 - p_x) from log p_x
+    # L1 = -(1/N) * (sum_{t not in U} log p_x(t) + sum_{t in U} alpha * p_n(t)^gamma * log(1 - p_x(t)))
+    l1_terms = torch.where(U, weight * log_1m_px, logp_x)
+    loss = mle_loss(l1_terms, neg_mask) + mle_loss(logp_l2, mask)
+    frac_unlikely = U.sum() / neg_mask.sum().clamp(min=1)  # share of the flawed responses' tokens in U
+    return loss, {'frac_unlikely': frac_unlikely.detach()}
+
+
+def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, logp_pos=None):
+    """The loss of `mode` (method.md: CUT and its baselines) on the rows of one batch. Returns (loss, stats).
+
+    logp, mask (R, N) from response_logprobs. For 'cut', triple b has its x -> y row x_rows[b] and its
+    [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For 'forward',
+    x_rows[b] is x -> y and j_rows[b] is [x, y] -> j. sft, sft_all and hindsight are MLE on every row:
+    the triple builder put only their rows in the batch.
+    """
+    if mode == 'cut':
+        return cut_loss(logp[x_rows], logp[j_rows], is_neg, mask[x_rows], lam, alpha, gamma, logp_pos)
+    if mode == 'forward':  # -log p(y|x)/N - log p(j|x,y)/Q per triple
+        loss = mle_loss(logp[x_rows], mask[x_rows]) + mle_loss(logp[j_rows], mask[j_rows])
+    elif mode in ('sft', 'sft_all', 'hindsight'):
+        loss = mle_loss(logp, mask)
+    else:
+        raise ValueError(f"cut_loss.py: unknown loss mode {mode!r}; expected one of {', '.join(LOSS_MODES)}")
+    return loss, {'frac_unlikely': 0.0}

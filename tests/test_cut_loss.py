@@ -1,0 +1,212 @@
+"""cut_loss.py against method.md's formulas written out by hand (math.log / math.exp, one token at a time)."""
+import math
+
+import pytest
+import torch
+
+from cut_loss import LOSS_MODES, MIN_1M_P, batch_loss, cut_loss, mle_loss, response_logprobs
+
+L = math.log
+
+
+def t(rows):
+    return torch.tensor(rows, dtype=torch.float64, requires_grad=True)
+
+
+def ref_row_mle(logps):
+    return -sum(logps) / len(logps) if logps else 0.0
+
+
+def ref_cut(lx, lj, neg, n, lam, alpha, gamma, lpos=None):
+    """method.md literally: per triple L1 + L2 (or the acceptable L2), averaged over triples; n = tokens per row."""
+    total = 0.0
+    for b in range(len(lx)):
+        x, j, N = lx[b][:n[b]], lj[b][:n[b]], n[b]
+        if not neg[b]:
+            total += ref_row_mle(x)
+            continue
+        l1 = 0.0
+        for k in range(N):
+            p_x, p_n = math.exp(x[k]), math.exp(j[k])
+            p_p = p_x if lpos is None else math.exp(lpos[b][k])
+            if p_n - lam * p_p > 0:
+                l1 += alpha * p_n ** gamma * L(max(1 - p_x, MIN_1M_P))
+            else:
+                l1 += x[k]
+        total += (-l1 / N if N else 0.0) + ref_row_mle(j)
+    return total / len(lx)
+
+
+# Row 0 flawed, U empty (p_n = p_x < lam * p_x). Row 1 flawed, U = {0, 2}: .6 > 1.1*.2, .5 < 1.1*.5, .7 > 1.1*.3.
+# Row 2 acceptable, one padded position (logp_j there is garbage). Row 3: no response tokens at all.
+LX = [[L(.5), L(.4), L(.9)], [L(.2), L(.5), L(.3)], [L(.7), L(.8), -3.0], [-1.0, -2.0, -3.0]]
+LJ = [[L(.5), L(.4), L(.9)], [L(.6), L(.5), L(.7)], [9.0, 9.0, 9.0], [-1.0, -2.0, -3.0]]
+NEG = [True, True, False, True]
+MASK = [[1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
+N_ROW = [3, 3, 2, 0]
+
+
+def run(lam=1.1, alpha=1.0, gamma=0.0, lpos=None):
+    lx, lj = t(LX), t(LJ)
+    pos = None if lpos is None else torch.tensor(lpos, dtype=torch.float64)
+    loss, stats = cut_loss(lx, lj, torch.tensor(NEG), torch.tensor(MASK, dtype=torch.float64), lam, alpha, gamma, pos)
+    return loss, stats, lx, lj
+
+
+def test_hand_values_gamma0():
+    loss, stats, _, _ = run()
+    row0 = -(L(.5) + L(.4) + L(.9)) / 3 - (L(.5) + L(.4) + L(.9)) / 3  # U empty: L1 is MLE on x -> y
+    row1 = -(L(1 - .2) + L(.5) + L(1 - .3)) / 3 - (L(.6) + L(.5) + L(.7)) / 3
+    row2 = -(L(.7) + L(.8)) / 2
+    assert loss.item() == pytest.approx((row0 + row1 + row2 + 0.0) / 4, rel=1e-12)
+    assert float(stats['frac_unlikely']) == pytest.approx(2 / 6)  # 2 of the 6 flawed-response tokens
+    assert loss.item() == pytest.approx(ref_cut(LX, LJ, NEG, N_ROW, 1.1, 1.0, 0.0), rel=1e-12)
+
+
+def test_hand_values_gamma2_alpha():
+    loss, _, _, _ = run(alpha=0.5, gamma=2.0)
+    row0 = -(L(.5) + L(.4) + L(.9)) * 2 / 3
+    row1 = -(0.5 * .6 ** 2 * L(.8) + L(.5) + 0.5 * .7 ** 2 * L(.7)) / 3 - (L(.6) + L(.5) + L(.7)) / 3
+    row2 = -(L(.7) + L(.8)) / 2
+    assert loss.item() == pytest.approx((row0 + row1 + row2) / 4, rel=1e-12)
+    assert loss.item() == pytest.approx(ref_cut(LX, LJ, NEG, N_ROW, 1.1, 0.5, 2.0), rel=1e-12)
+
+
+def test_explicit_positive_judgment():
+    # p_p = .1 puts row 0's first token in U (.5 > 1.1*.1); p_p = .6 takes row 1's first token out (.6 < .66).
+    lpos = [[L(.1), L(.4), L(.9)], [L(.6), L(.5), L(.3)], [0.0] * 3, [0.0] * 3]
+    loss, stats, _, _ = run(lpos=lpos)
+    row0 = -(L(1 - .5) + L(.4) + L(.9)) / 3 - (L(.5) + L(.4) + L(.9)) / 3
+    row1 = -(L(.2) + L(.5) + L(1 - .3)) / 3 - (L(.6) + L(.5) + L(.7)) / 3
+    row2 = -(L(.7) + L(.8)) / 2
+    assert loss.item() == pytest.approx((row0 + row1 + row2) / 4, rel=1e-12)
+    assert float(stats['frac_unlikely']) == pytest.approx(2 / 6)
+    assert loss.item() == pytest.approx(ref_cut(LX, LJ, NEG, N_ROW, 1.1, 1.0, 0.0, lpos), rel=1e-12)
+
+
+def test_lambda_large_is_plain_mle():
+    loss, stats, _, _ = run(lam=10.0)
+    row1 = -(L(.2) + L(.5) + L(.3)) / 3 - (L(.6) + L(.5) + L(.7)) / 3
+    row0 = -(L(.5) + L(.4) + L(.9)) * 2 / 3
+    assert loss.item() == pytest.approx((row0 + row1 - (L(.7) + L(.8)) / 2) / 4, rel=1e-12)
+    assert float(stats['frac_unlikely']) == 0.0
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_gradients_treat_U_and_weight_as_constants(gamma):
+    alpha, B = 0.5, 4
+    loss, _, lx, lj = run(alpha=alpha, gamma=gamma)
+    g_x, g_j = torch.autograd.grad(loss, (lx, lj))
+    # d/dlogp_j: -1/(B N) on every masked token of a flawed row (the weight p_n^gamma adds nothing); 0 elsewhere.
+    want_j = [[-1 / (B * 3)] * 3, [-1 / (B * 3)] * 3, [0.0] * 3, [0.0] * 3]
+    # d/dlogp_x: -1/(B N) outside U; in U, d[-w log(1 - e^l)/(B N)]/dl = w p / ((1 - p) B N) with w constant.
+    w = [alpha * .6 ** gamma, alpha * .7 ** gamma]
+    want_x = [[-1 / (B * 3)] * 3,
+              [w[0] * .2 / (.8 * B * 3), -1 / (B * 3), w[1] * .3 / (.7 * B * 3)],
+              [-1 / (B * 2), -1 / (B * 2), 0.0], [0.0] * 3]
+    torch.testing.assert_close(g_j, torch.tensor(want_j, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g_x, torch.tensor(want_x, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("lx0", [0.0, -1e-12])
+def test_px_to_one_stays_finite(lx0):
+    lx, lj = t([[lx0, L(.5)]]), t([[L(.9), L(.5)]])
+    pos = torch.tensor([[L(.1), L(.5)]], dtype=torch.float64)  # only an explicit j+ can put a p_x = 1 token in U
+    loss, stats = cut_loss(lx, lj, torch.tensor([True]), torch.ones(1, 2, dtype=torch.float64), 1.1, 1.0, 0.0, pos)
+    assert float(stats['frac_unlikely']) == 0.5
+    assert loss.item() == pytest.approx(-(L(MIN_1M_P) + L(.5)) / 2 - (L(.9) + L(.5)) / 2, rel=1e-12)
+    loss.backward()
+    assert torch.isfinite(lx.grad).all() and torch.isfinite(lj.grad).all()
+
+
+def test_no_flawed_rows_and_no_tokens():
+    lx = t([[L(.5), L(.25)], [L(.125), 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    loss, stats = cut_loss(lx, lx, torch.tensor([False, False]), mask)
+    assert loss.item() == pytest.approx((-(L(.5) + L(.25)) / 2 - L(.125)) / 2, rel=1e-12)
+    assert float(stats['frac_unlikely']) == 0.0
+    for neg in ([True, True], [False, True]):
+        lx, lj = t([[-1.0, -2.0], [0.0, -5.0]]), t([[0.0, 0.0], [0.0, 0.0]])
+        loss, stats = cut_loss(lx, lj, torch.tensor(neg), torch.zeros(2, 2, dtype=torch.float64))
+        loss.backward()
+        assert loss.item() == 0.0 and float(stats['frac_unlikely']) == 0.0
+        assert torch.isfinite(lx.grad).all() and torch.isfinite(lj.grad).all()
+
+
+def test_random_against_loop():
+    g = torch.Generator().manual_seed(0)
+    B, N = 6, 5
+    lx = torch.log(torch.rand(B, N, generator=g, dtype=torch.float64) * 0.98 + 0.01)
+    lj = torch.log(torch.rand(B, N, generator=g, dtype=torch.float64) * 0.98 + 0.01)
+    n, neg = [5, 3, 0, 4, 1, 5], [True, False, True, True, False, True]
+    mask = (torch.arange(N)[None] < torch.tensor(n)[:, None]).double()
+    loss, _ = cut_loss(lx, lj, torch.tensor(neg), mask, 1.2, 0.25, 0.5)
+    assert loss.item() == pytest.approx(ref_cut(lx.tolist(), lj.tolist(), neg, n, 1.2, 0.25, 0.5), rel=1e-12)
+
+
+def test_mle_loss():
+    logp = torch.tensor([[L(.5), L(.2), 7.0], [L(.1), 7.0, 7.0], [7.0, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert mle_loss(logp, mask).item() == pytest.approx((-(L(.5) + L(.2)) / 2 - L(.1) + 0.0) / 3, rel=1e-6)
+    assert mle_loss(torch.zeros(0, 3), torch.zeros(0, 3)).item() == 0.0
+
+
+def make_batch():
+    """3 rows, V = 11: different prompt lengths, right padding, and a row with no trained tokens."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 7, 11, generator=g, dtype=torch.float64) * 3
+    targets = torch.full((3, 7), -100)
+    spans = [(1, [4, 2, 9]), (3, [5, 0, 1, 10])]  # (first trained position, targets)
+    for r, (start, ids) in enumerate(spans):
+        targets[r, start:start + len(ids)] = torch.tensor(ids)
+    return logits, targets, spans
+
+
+def test_response_logprobs_against_log_softmax():
+    logits, targets, spans = make_batch()
+    logits.requires_grad_(True)
+    logp, mask = response_logprobs(logits, targets)
+    assert logp.shape == mask.shape == (3, 4) and logp.dtype == torch.float32
+    want, want_mask = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4)
+    for r, (start, ids) in enumerate(spans):
+        ls = torch.log_softmax(logits[r].detach(), dim=-1)
+        for k, tok in enumerate(ids):
+            want[r, k], want_mask[r, k] = ls[start + k, tok], 1.0
+    torch.testing.assert_close(logp, want.float())
+    assert torch.equal(mask, want_mask)  # row 2 (no trained tokens): all-zero mask
+    logp.sum().backward()
+    assert (logits.grad[targets == -100] == 0).all() and (logits.grad[targets != -100] != 0).any()
+
+
+def test_response_logprobs_under_autocast():
+    logits, targets, _ = make_batch()
+    want, _ = response_logprobs(logits.float(), targets)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got, _ = response_logprobs(logits.float(), targets)
+        got_bf16, _ = response_logprobs(logits.bfloat16(), targets)
+    assert got.dtype == got_bf16.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_bf16, want, atol=0.1, rtol=0.05)
+
+
+def test_batch_loss_modes():
+    g = torch.Generator().manual_seed(2)
+    logp = torch.log(torch.rand(5, 4, generator=g, dtype=torch.float64) * 0.98 + 0.01)
+    n = [4, 2, 3, 4, 2]
+    mask = (torch.arange(4)[None] < torch.tensor(n)[:, None]).double()
+    rows = logp.tolist()
+    x_rows, j_rows, neg = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 2]), [True, True, False]
+    loss, stats = batch_loss('cut', logp, mask, x_rows, j_rows, torch.tensor(neg), 1.1, 1.0, 0.0)
+    want = ref_cut([rows[0], rows[1], rows[2]], [rows[3], rows[4], rows[2]], neg, n[:3], 1.1, 1.0, 0.0)
+    assert loss.item() == pytest.approx(want, rel=1e-12) and 'frac_unlikely' in stats
+    # forward: -log p(y|x)/N - log p(j|x,y)/Q per triple, here triples (row 0, row 3) and (row 1, row 4)
+    loss, stats = batch_loss('forward', logp, mask, x_rows[:2], j_rows[:2], torch.tensor(neg[:2]), 1.1, 1.0, 0.0)
+    want = sum(ref_row_mle(rows[x][:n[x]]) + ref_row_mle(rows[j][:n[j]]) for x, j in [(0, 3), (1, 4)]) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-12) and stats['frac_unlikely'] == 0.0
+    for mode in ('sft', 'sft_all', 'hindsight'):
+        loss, stats = batch_loss(mode, logp, mask, x_rows, j_rows, torch.tensor(neg), 1.1, 1.0, 0.0)
+        assert loss.item() == pytest.approx(sum(ref_row_mle(r[:k]) for r, k in zip(rows, n)) / 5, rel=1e-12)
+        assert stats['frac_unlikely'] == 0.0
+    assert set(LOSS_MODES) == {'cut', 'sft', 'sft_all', 'hindsight', 'forward'}
+    with pytest.raises(ValueError, match="'dpo'.*cut, sft, sft_all, hindsight, forward"):
+        batch_loss('dpo', logp, mask, x_rows, j_rows, torch.tensor(neg), 1.1, 1.0, 0.0)

@@ -1,0 +1,234 @@
+"""model.py against transformers' LlamaForCausalLM: logits, loaders, writer, generate, LoRA, bad input."""
+import json
+import struct
+
+import pytest
+import torch
+import transformers
+
+from model import ModelConfig, Transformer, add_lora, merged_state_dict, LoRALinear
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+            vocab_size=101, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False)
+LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=32)
+
+
+def hf_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in overrides.items()}  # HF edits dicts in place
+    cfg = transformers.LlamaConfig(**{**TINY, **overrides})
+    m = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1; random values make the test able to fail on them
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def hf_logits(m, idx):
+    with torch.no_grad():
+        return m(idx).logits.float()
+
+
+def ids(T=40, B=2, vocab=101, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),                                           # grouped-query attention, untied
+    dict(tie_word_embeddings=True, num_key_value_heads=4),
+    dict(rope_scaling=LLAMA3_SCALING, rope_theta=500000.0),
+    dict(num_key_value_heads=1, head_dim=32),          # multi-query, head_dim != dim / heads
+], ids=["gqa", "tied", "llama3-rope", "mqa-headdim"])
+def test_logits_match_transformers(tmp_path, overrides):
+    ref = hf_model(**overrides)
+    ref.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(tmp_path)
+    x = ids(T=120)
+    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+
+
+def test_sharded_and_bf16_files(tmp_path):
+    ref = hf_model().to(torch.bfloat16)
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ref32 = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    x = ids()
+    assert (ours(x) - hf_logits(ref32, x)).abs().max() <= 1e-4
+    assert Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+def test_older_top_level_rope_keys(tmp_path):
+    ref = hf_model(rope_scaling=LLAMA3_SCALING, rope_theta=500000.0)
+    ref.save_pretrained(tmp_path)  # transformers writes the newer rope_parameters; rewrite as Llama 3.1's config.json
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg.pop("rope_parameters")["rope_theta"] == 500000.0
+    cfg |= dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours = Transformer.from_pretrained(tmp_path)
+    x = ids()
+    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+
+
+def test_meta_layout_two_shards(tmp_path):
+    ref = hf_model(num_key_value_heads=2)
+    c = ref.config
+    hd = c.hidden_size // c.num_attention_heads
+
+    def unpermute(w, n):  # Hugging Face's halves layout back to Meta's interleaved pairs
+        return w.view(n, 2, hd // 2, c.hidden_size).transpose(1, 2).reshape(n * hd, c.hidden_size)
+
+    sd = ref.state_dict()
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"]}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        meta |= {f"layers.{i}.attention.wq.weight": unpermute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
+                 f"layers.{i}.attention.wk.weight": unpermute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
+                 f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
+                 f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
+                 f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
+                 f"layers.{i}.feed_forward.w2.weight": sd[p + "mlp.down_proj.weight"],
+                 f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
+                 f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
+                 f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"]}
+    # model parallelism: column-parallel weights split on dim 0, row-parallel (wo, w2) on dim 1, norms replicated
+    for shard in range(2):
+        part = {}
+        for k, v in meta.items():
+            dim = None if v.dim() == 1 else 1 if k.endswith(("wo.weight", "w2.weight")) else 0
+            part[k] = v.clone() if dim is None else v.chunk(2, dim=dim)[shard].clone()
+        torch.save(part, tmp_path / f"consolidated.0{shard}.pth")
+    # Meta's hidden size rule: 96 = multiple_of * ceil(int(2 * 4 * 64 / 3) * 0.5625 / multiple_of)
+    (tmp_path / "params.json").write_text(json.dumps(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101,
+                                                          multiple_of=32, ffn_dim_multiplier=0.5625, norm_eps=1e-5,
+                                                          rope_theta=10000.0)))
+    ours = Transformer.from_pretrained(tmp_path)
+    assert ours.cfg.hidden_dim == 96
+    x = ids()
+    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+
+
+def test_save_pretrained_read_by_transformers(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96,
+                      rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))
+    ours = Transformer(cfg)
+    ours.save_pretrained(tmp_path)
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    x = ids()
+    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+    again = Transformer.from_pretrained(tmp_path)
+    assert torch.equal(again(x), ours(x))
+
+
+def test_greedy_generate_matches_transformers():
+    ref = hf_model()
+    ours = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=256))
+    ours.load_state_dict(ref.state_dict())
+    x = ids(T=7, B=1)
+    expected = ref.generate(x, max_new_tokens=30, do_sample=False, min_new_tokens=30, pad_token_id=0)
+    assert torch.equal(ours.generate(x, 30, temperature=0), expected)
+    # batched with a KV cache equals the slow way: full forward, argmax, append
+    xb = ids(T=5, B=3)
+    slow = xb
+    for _ in range(8):
+        slow = torch.cat([slow, ours(slow)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(ours.generate(xb, 8, temperature=0), slow)
+
+
+def test_generate_stops_and_sampling_options():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    x = ids(T=4, B=2, vocab=50)
+    greedy = m.generate(x, 12, temperature=0)
+    assert torch.equal(m.generate(x, 12, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(m.generate(x, 12, temperature=1.0, top_p=1e-6), greedy)
+    stop = greedy[0, 6].item()
+    out = m.generate(x, 12, temperature=0, stop_ids=[stop])
+    first = (out[0, 4:] == stop).nonzero()[0].item() + 4
+    assert (out[0, first:] == stop).all()
+    seen = []
+    m.generate(x, 3, temperature=0, on_token=seen.append)
+    assert torch.equal(torch.stack(seen, 1), greedy[:, 4:7])
+
+
+def test_real_smollm2_logits_and_generate(smollm2_dir):
+    ref = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ours = Transformer.from_pretrained(smollm2_dir)
+    assert ours.cfg.tie_embeddings and ours.cfg.n_kv_heads == 3
+    x = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407]])
+    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+    expected = ref.generate(x, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert torch.equal(ours.generate(x, 16, temperature=0), expected)
+
+
+def test_lora_trains_adapters_only_and_merges():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    base = {k: v.clone() for k, v in m.state_dict().items()}
+    add_lora(m, rank=4, alpha=8)
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n and ".mlp." in n for n in trainable)
+    x = ids(T=6, vocab=50)
+    plain = Transformer(m.cfg)
+    plain.load_state_dict(base)
+    assert torch.equal(m(x), plain(x))  # B starts at zero: the adapted model starts as the base
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_()
+    merged = merged_state_dict(m)
+    layer = m.model.layers[1].mlp.up_proj
+    assert isinstance(layer, LoRALinear)
+    want = base["model.layers.1.mlp.up_proj.weight"] + 2.0 * layer.lora_B @ layer.lora_A
+    assert torch.allclose(merged["model.layers.1.mlp.up_proj.weight"], want)
+    plain.load_state_dict(merged)
+    assert (plain(x) - m(x)).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- bad input, one clear message each
+
+def saved_tiny(tmp_path):
+    hf_model().save_pretrained(tmp_path)
+    return tmp_path / "model.safetensors"
+
+
+def test_truncated_safetensors(tmp_path):
+    f = saved_tiny(tmp_path)
+    f.write_bytes(f.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* past the end"):
+        Transformer.from_pretrained(tmp_path)
+    f.write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="truncated safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_header_past_end_of_file(tmp_path):
+    f = saved_tiny(tmp_path)
+    data = f.read_bytes()
+    f.write_bytes(struct.pack("<Q", len(data) * 2) + data[8:])
+    with pytest.raises(ValueError, match="header of .* runs past the end"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_missing_config_key(tmp_path):
+    saved_tiny(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"config\.json: missing key\(s\) hidden_size"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_and_missing_tensor(tmp_path):
+    saved_tiny(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=80)))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) model\.layers\.2\."):
+        Transformer.from_pretrained(tmp_path)
