@@ -1,0 +1,526 @@
+"""Text to ids: tokenizers, prompt templates, judgment triples, the triple builder, the built-in task.
+
+model.py turns ids into logits and cut_loss.py turns response log-probs into a loss; this file is everything
+before the model: read (instruction, response, judgment) triples, tokenize them into the Align-P, Align-N and
+Misalign sequences of method.md, and pad them into one batch.
+"""
+import ast
+import base64
+import json
+import random
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tiktoken
+import torch
+
+from cut_loss import LOSS_MODES
+
+# ----------------------------------------------------------------------------- tokenizers and templates
+PLAIN = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
+         "\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+JUDGED = ("Below is an instruction that describes a task. Write a response to the instruction and the response should"
+          " match the corresponding judgment.\n\n### Instruction:\n{instruction}\n\n### Judgment:\n{judgment}\n\n"
+          "### Response:\n")
+# chat format -> (special token that reveals it, its end-of-turn token, one user turn then the assistant's header)
+CHAT_FORMATS = {
+    "llama3": ("<|start_header_id|>", "<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    "chatml": ("<|im_start|>", "<|im_end|>", "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"),
+}
+END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "<|eos|>", "<|eom_id|>")
+SUPPORTED = "only byte-level BPE tokenizer.json and Meta's Llama 3 tokenizer.model are supported"
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = [  # ids 128000.., Llama 3.1 names, 256 in all
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 248))]
+
+
+def _byte_chars():
+    """GPT-2's byte -> printable character map, in which byte-level BPE vocabularies are written."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {b: chr(c) for b, c in zip(printable + rest, printable + [256 + i for i in range(len(rest))])}
+
+
+def _unencodable(ranks, where):
+    """A pattern for the characters holding a byte the vocabulary lacks (tiktoken would panic on them). tokenizers
+    drops such a byte; we drop the character: the same for ASCII, and otherwise only unassigned code points differ."""
+    spans = []
+    for b in (b for b in range(256) if bytes([b]) not in ranks):
+        if 0x80 <= b < 0xC0:
+            raise ValueError(f"{where}: the vocabulary lacks the byte {b:#x}; {SUPPORTED}")
+        if b < 0x80 or 0xC2 <= b <= 0xF4:  # C0, C1 and F5-FF never occur in UTF-8
+            # lead byte -> the code points it starts: 1, 2, 3 or 4 UTF-8 bytes
+            shift, low, first = (0, b, 0) if b < 0x80 else (6, b - 0xC0, 0x80) if b < 0xE0 else (
+                (12, b - 0xE0, 0x800) if b < 0xF0 else (18, b - 0xF0, 0x10000))
+            lo, hi = max(low << shift, first), min(((low + 1) << shift) - 1, 0x10FFFF)
+            spans.append(f"{re.escape(chr(lo))}-{re.escape(chr(hi))}")
+    return re.compile(f"[{''.join(spans)}]") if spans else None
+
+
+def _parse(file, data, parse):
+    try:
+        return parse(data)
+    except ValueError as e:  # bad JSON or base64, a malformed line, a binary (e.g. sentencepiece) file
+        raise ValueError(f"{file}: cannot read it ({e}); {SUPPORTED}") from None
+
+
+def _meta_ranks(data):
+    """Meta's tokenizer.model: one "base64(token bytes) rank" per line."""
+    return {base64.b64decode(token, validate=True): int(rank) for token, rank in map(bytes.split, data.splitlines())}
+
+
+def _hf_parts(spec, where):
+    """(ranks, special tokens, split pattern, BOS name or None) of a byte-level BPE tokenizer.json, else ValueError."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    steps = (pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]) or [{}]
+    split = steps[0] if len(steps) == 2 and steps[0].get("type") == "Split" else {}
+    byte_level = steps[-1] if steps[-1].get("type") == "ByteLevel" and len(steps) == (2 if split else 1) else {}
+    pattern = GPT2_SPLIT if not split else split.get("pattern", {}).get("Regex")
+    if (model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix")
+            or model.get("end_of_word_suffix") or spec.get("normalizer") or not byte_level or not pattern
+            or byte_level.get("add_prefix_space") or byte_level.get("use_regex", True) == bool(split)  # one split
+            or split and (split.get("behavior") != "Isolated" or split.get("invert"))):
+        raise ValueError(f"{where}: not a byte-level BPE tokenizer ({model.get('type')}, pre-tokenizer "
+                         f"{pre.get('type')}); {SUPPORTED}")
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    byte_of = {c: b for b, c in _byte_chars().items()}
+    try:
+        ranks = {bytes(byte_of[c] for c in t): i for t, i in model["vocab"].items() if t not in specials}
+        merged = [ranks[bytes(byte_of[c] for c in "".join(m.split(" ") if isinstance(m, str) else m))]
+                  for m in model["merges"]]
+    except KeyError as e:
+        raise ValueError(f"{where}: vocab or merges hold {e} that is not a byte-level token; {SUPPORTED}") from None
+    # tiktoken merges by the rank of the merged token: the same as merges order only if that order follows the ids
+    if any(b < a for a, b in zip(merged, merged[1:])):
+        raise ValueError(f"{where}: the merges do not follow the vocab ids; {SUPPORTED}")
+    post = spec.get("post_processor") or {}  # BOS: a TemplateProcessing that puts a special token first
+    firsts = [p["single"][0] for p in post.get("processors", [post]) if p.get("type") == "TemplateProcessing"]
+    return ranks, specials, pattern, (firsts[0].get("SpecialToken") or {}).get("id") if firsts else None
+
+
+@dataclass
+class Tokenizer:
+    """tiktoken BPE + special tokens. encode() never parses special tokens: user text cannot inject a control token.
+    eos_id is the chat format's end-of-turn token when the vocabulary has one, else the end-of-text token."""
+    enc: tiktoken.Encoding
+    n_vocab: int
+    special: dict  # special token text -> id
+    bos_id: int | None  # prepended to every sequence (None: the tokenizer adds none, as SmolLM2)
+    eos_id: int
+    stop_ids: list
+    chat: str | None
+    instruct: bool  # the checkpoint ships a chat template
+    files: dict  # file name -> bytes, written by save()
+    drop: re.Pattern | None  # characters the vocabulary cannot encode
+
+    @classmethod
+    def _build(cls, name, pattern, ranks, special, bos_name, eos_name, instruct, files):
+        chat = next((c for c, (mark, _, _) in CHAT_FORMATS.items() if mark in special), None)
+        ends = [n for n in (chat and CHAT_FORMATS[chat][1], eos_name, *END_OF_TEXT) if n in special]
+        if not ends or bos_name is not None and bos_name not in special:
+            raise ValueError(f"{name}: no end-of-text token or an unknown BOS token {bos_name!r}")
+        enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+        return cls(enc, enc.n_vocab, special, special.get(bos_name), special[ends[0]],
+                   sorted({special[n] for n in ends}), chat, instruct, files, _unencodable(ranks, name))
+
+    @classmethod
+    def from_pretrained(cls, path):
+        path = Path(path)
+        if path.is_dir():
+            found = [path / n for n in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+                     if (path / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or original/tokenizer.model; "
+                                        f"{SUPPORTED}")
+            path = found[0]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such tokenizer file; {SUPPORTED}")
+        data, here = path.read_bytes(), path.parent
+        extra = {n: (here / n).read_bytes() for n in ("tokenizer_config.json", "chat_template.jinja")
+                 if (here / n).is_file()}
+        config = _parse(here / "tokenizer_config.json", extra.get("tokenizer_config.json", b"{}"), json.loads)
+        eos = config.get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        instruct = "chat_template" in config or "chat_template.jinja" in extra
+        if path.suffix == ".json":
+            ranks, special, pattern, bos = _hf_parts(_parse(path, data, json.loads), path)
+            return cls._build(str(path), pattern, ranks, special, bos, eos, instruct, {"tokenizer.json": data, **extra})
+        ranks = _parse(path, data, _meta_ranks)
+        special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+        return cls._build(str(path), LLAMA3_SPLIT, ranks, special, "<|begin_of_text|>", eos, instruct,
+                          {"tokenizer.model": data, **extra})
+
+    @classmethod
+    def byte_level(cls):
+        """Ids 0..255 are the bytes, then <|bos|> 256, <|eos|> 257: a byte-level BPE with no merges (tokenizer.json)."""
+        names = ("<|bos|>", "<|eos|>")
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+        spec = {"added_tokens": [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                                  "normalized": False, "special": True} for i, t in enumerate(names)],
+                "pre_tokenizer": byte_level, "decoder": byte_level,
+                "post_processor": {"type": "TemplateProcessing", "pair": [], "single": [
+                    {"SpecialToken": {"id": names[0], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                    "special_tokens": {names[0]: {"id": names[0], "ids": [256], "tokens": [names[0]]}}},
+                "model": {"type": "BPE", "vocab": {c: b for b, c in _byte_chars().items()}, "merges": []}}
+        files = {"tokenizer.json": json.dumps(spec, ensure_ascii=False).encode(),
+                 "tokenizer_config.json": json.dumps({"bos_token": names[0], "eos_token": names[1]}).encode()}
+        ranks, special, pattern, bos = _hf_parts(spec, "byte_level")
+        return cls._build("byte_level", pattern, ranks, special, bos, names[1], False, files)
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(self.drop.sub("", text) if self.drop else text)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def save(self, directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for name, data in self.files.items():
+            Path(directory, name).write_bytes(data)
+
+
+def prompt_ids(tok, instruction, judgment=None, chat=False):
+    """[BOS] + PLAIN (judgment None) or JUDGED. chat=True: one user turn of the model's chat format instead, holding
+    the instruction, then "\\n\\n### Judgment:\\n" + the judgment if one is given, then the assistant's header."""
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    if not chat:
+        text = PLAIN.format(instruction=instruction) if judgment is None else JUDGED.format(
+            instruction=instruction, judgment=judgment)
+        return bos + tok.encode(text)
+    if tok.chat is None:
+        raise ValueError("chat=True, but the tokenizer has no chat format (no <|start_header_id|> or <|im_start|>)")
+    content = instruction if judgment is None else f"{instruction}\n\n### Judgment:\n{judgment}"
+    # split the format at its special tokens first, so that the user's text is only ever encoded as text
+    parts = re.split(r"(<\|\w+\|>)", CHAT_FORMATS[tok.chat][2])
+    return bos + [i for p in parts if p for i in
+                  ([tok.special[p]] if p in tok.special else tok.encode(p.replace("{content}", content)))]
+
+
+# ----------------------------------------------------------------------------- triples and the triple builder
+POSITIVE_JUDGMENT = "Your response to the instruction is satisfactory."
+JUDGMENT_HEADER = "\n\n### Judgment:\n"  # forward prediction: the judgment is trained after [x, y]
+
+
+@dataclass
+class Triple:
+    instruction: str
+    response: str
+    judgment: str | None  # None: the response is acceptable
+
+
+def _triple(rec, where: str) -> Triple | None:
+    """One record of any supported format as a Triple; None for a failed judge call ($ERROR$)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+
+    def field(name, nullable=False):
+        if name not in rec:
+            raise ValueError(f"{where}: missing field '{name}'")
+        value = rec[name]
+        if not (isinstance(value, str) or (nullable and value is None)):
+            raise ValueError(f"{where}: field '{name}' must be a string{' or null' if nullable else ''}, "
+                             f"got {type(value).__name__}")
+        return value
+
+    if "question" in rec:  # Shepherd: every answer is flawed, the feedback says why
+        if not field("feedback").strip():
+            raise ValueError(f"{where}: field 'feedback' is empty (a Shepherd answer needs its critique)")
+        return Triple(field("question"), field("answer"), rec["feedback"])
+    if "output" in rec:  # the CUT authors' release (Alpaca style)
+        instruction, response, judgment = field("instruction"), field("output"), field("judgment", nullable=True)
+        extra = field("input", nullable=True) if "input" in rec else None
+        score = rec.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise ValueError(f"{where}: field 'score' must be a number or null, got {type(score).__name__}")
+        if judgment == "$ERROR$":
+            return None
+        if not judgment or judgment.startswith("Perfect") or (score is not None and score >= 7):
+            judgment = None
+        return Triple(instruction + "\n" + extra if extra else instruction, response, judgment)
+    if "response" in rec:
+        return Triple(field("instruction"), field("response"), field("judgment", nullable=True) or None)
+    raise ValueError(f"{where}: unknown record, expected the fields instruction/input/output/judgment, "
+                     f"question/answer/feedback or instruction/response/judgment; got {sorted(rec)}")
+
+
+def load_triples(path, verbose=True) -> list[Triple]:
+    """Triples from a JSON list or a JSONL file of the authors' release, Shepherd's, or plain records."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such triples file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid JSON list ({e})") from None
+        located = [(rec, f"{path}: record {i}") for i, rec in enumerate(records)]
+    else:
+        located = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    located.append((json.loads(line), f"{path}: line {n}"))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    parsed = [_triple(rec, where) for rec, where in located]
+    triples = [t for t in parsed if t is not None]
+    if not triples:
+        raise ValueError(f"{path}: no usable triples in {len(located)} records")
+    n_err, n_flawed = len(parsed) - len(triples), sum(t.judgment is not None for t in triples)
+    if verbose:
+        print(f"{path.name}: loaded {len(triples)} triples ({len(triples) - n_flawed} acceptable, {n_flawed} flawed), "
+              f"dropped {n_err} ($ERROR$ judgments: {n_err})")
+    return triples
+
+
+def split_triples(triples: list[Triple], val_frac: float = 0.1, seed: int = 0):
+    """(train, val): a random permutation drawn from the seed alone (no global RNG state)."""
+    if not 0 <= val_frac < 1:
+        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
+    order = torch.randperm(len(triples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(len(triples) * val_frac)
+    return [triples[i] for i in order[n_val:]], [triples[i] for i in order[:n_val]]
+
+
+@dataclass
+class Encoded:
+    rows: list[tuple[list[int], list[int]]]  # (prompt ids, trained ids) of each sequence of one triple
+    x_row: int  # the x -> y row
+    j_row: int  # the [x, j-] -> y row (cut) or [x, y] -> j row (forward); == x_row when there is none
+    is_neg: bool
+    pos: tuple[list[int], list[int]] | None = None  # [x, j+] -> y when an explicit j+ text is used
+
+
+def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None):
+    """Cut the prompt from the left (keeping BOS) so that idx = (prompt + trained)[:-1] fits max_len."""
+    budget = max_len + 1 - len(trained)  # prompt tokens allowed; at least one is needed to predict from
+    if budget < 1:
+        return None
+    if len(prompt) <= budget:
+        return prompt, trained
+    head = [bos_id] if bos_id is not None and prompt[0] == bos_id else []
+    keep = budget - len(head)
+    return head + (prompt[-keep:] if keep else []), trained
+
+
+def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: int, chat: bool = False,
+                   j_pos: str | None = None, verbose=True) -> list[Encoded]:
+    """The sequences each loss mode trains on (method.md); max_len bounds a row's model input (T <= max_len)."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown mode {mode!r}, expected one of {LOSS_MODES}")
+    if j_pos is not None and mode != "cut":
+        raise ValueError(f"an explicit j+ text is only used by mode 'cut', not {mode!r}")
+    out, too_long, skipped = [], 0, 0
+    for t in triples:
+        is_neg = t.judgment is not None
+        if mode == "sft" and is_neg:
+            skipped += 1
+            continue
+        response = tok.encode(t.response)  # once, so every row of the triple trains the same ids
+        y = response + [tok.eos_id]
+        plain = prompt_ids(tok, t.instruction, chat=chat)
+        rows = [(plain, y)]
+        if mode == "hindsight":
+            rows = [(prompt_ids(tok, t.instruction, t.judgment or POSITIVE_JUDGMENT, chat=chat), y)]
+        elif mode == "cut" and is_neg:  # Misalign is the x -> y row itself: j+ is the absence of a judgment
+            rows.append((prompt_ids(tok, t.instruction, t.judgment, chat=chat), y))
+        elif mode == "forward":
+            rows.append((plain + response + tok.encode(JUDGMENT_HEADER),
+                         tok.encode(t.judgment or POSITIVE_JUDGMENT) + [tok.eos_id]))
+        pos = [(prompt_ids(tok, t.instruction, j_pos, chat=chat), y)] if j_pos is not None else []
+        fitted = [_fit(p, trained, max_len, tok.bos_id) for p, trained in rows + pos]
+        if None in fitted:
+            too_long += 1
+            continue
+        rows = fitted[:len(rows)]
+        out.append(Encoded(rows, 0, len(rows) - 1, is_neg, fitted[-1] if pos else None))
+    if verbose:
+        print(f"encoded {len(out)} triples for {mode} ({sum(len(e.rows) for e in out)} sequences), "
+              f"dropped {too_long} longer than {max_len} tokens, skipped {skipped} flawed (sft)")
+    return out
+
+
+@dataclass
+class Batch:
+    idx: torch.Tensor  # (R, T) input ids, right-padded
+    targets: torch.Tensor  # (R, T) next ids on the trained span, -100 elsewhere
+    x_rows: torch.Tensor  # (B,) row of each triple's x -> y sequence
+    j_rows: torch.Tensor  # (B,) row of each triple's judgment sequence (== x_rows where none)
+    is_neg: torch.Tensor  # (B,) bool: the triple is flawed
+    pos_idx: torch.Tensor | None = None  # (B, T') the [x, j+] -> y rows, one per triple
+    pos_targets: torch.Tensor | None = None
+
+    def to(self, device) -> "Batch":
+        return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int):
+    """idx = (prompt + trained)[:-1] and its shifted targets, right-padded into (R, T) tensors."""
+    T = max(len(p) + len(t) for p, t in rows) - 1
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), T), -100, dtype=torch.long)
+    for r, (p, t) in enumerate(rows):
+        seq = p + t
+        idx[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[r, len(p) - 1:len(seq) - 1] = torch.tensor(t)
+    return idx, targets
+
+
+def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
+    """Every triple's rows in one padded tensor; x_rows / j_rows point each triple at its rows."""
+    if not encoded:
+        raise ValueError("collate needs at least one encoded triple")
+    rows, x_rows, j_rows = [], [], []
+    for e in encoded:
+        x_rows.append(len(rows) + e.x_row)
+        j_rows.append(len(rows) + e.j_row)
+        rows += e.rows
+    idx, targets = _pad(rows, pad_id)
+    pos_idx, pos_targets = _pad([e.pos for e in encoded], pad_id) if encoded[0].pos is not None else (None, None)
+    return Batch(idx, targets, torch.tensor(x_rows), torch.tensor(j_rows),
+                 torch.tensor([e.is_neg for e in encoded]), pos_idx, pos_targets)
+
+
+# ----------------------------------------------------------------------------- the built-in judgment task
+# Letter sorting: "Sort these letters alphabetically: q, d, m, a" -> "a, d, m, q". Flawed responses carry one
+# systematic mistake (the last two letters swapped) and, more rarely, a letter left out. Text is ASCII, so with the
+# byte-level tokenizer a char offset in a response is its token position.
+TASK_INSTRUCTIONS = (
+    "Sort these letters alphabetically: {}",
+    "Put these letters in alphabetical order: {}",
+    "Alphabetize the following letters: {}",
+    "Please sort the letters {} in alphabetical order.",
+    "Arrange in alphabetical order: {}",
+    "Can you sort {} alphabetically?",
+)
+TASK_RESPONSES = ("{}", "{}.", "Sorted: {}.", "In alphabetical order: {}", "Here they are in order: {}.",
+                  "The sorted letters are {}.")
+# Judgments name the kind and place of the mistake, never the letters: naming them made U flood (evidence-notes 3).
+TASK_JUDGMENTS = {
+    "swap": ("The last two letters are in the wrong order.", "Close, but the final pair is swapped.",
+             "Everything is in order except the end: the last two should trade places.",
+             "Almost right; the last two letters are the wrong way round.",
+             "The final two letters need to be switched.", "Nearly sorted, but the last pair is reversed."),
+    "order": ("The order is wrong from the {} letter on.", "The sorting breaks down at the {} letter.",
+              "Not sorted: things go wrong starting with the {} letter.",
+              "The letters are out of order from the {} position onward."),
+    "missing": ("The {} letter is missing.", "One letter was left out: the {} one.",
+                "Incomplete: the letter that belongs in the {} place is missing."),
+    "missing_more": ("Several letters are left out, the first of them in the {} place.",
+                     "Letters are missing, starting from the {} one."),
+    "extra": ("It includes letters that do not belong.", "Some of these letters were never given."),
+    "garbage": ("This does not give the sorted letters at all.", "No list of letters can be found in this answer."),
+}
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+LETTER_LIST = re.compile(r"\b[a-z](?: *, *[a-z]\b)+")  # single lowercase letters separated by commas
+
+
+@dataclass
+class Verdict:
+    kind: str  # 'ok', 'swap' (the systematic mistake), 'order', 'missing', 'extra' or 'garbage'
+    judgment: str | None  # None when the response is acceptable
+    wrong: list[int]  # char offsets in the response of the wrong tokens; len(response) means the end of sequence
+
+    @property
+    def ok(self):
+        return self.kind == "ok"
+
+
+def _letter_list(text):
+    """The first comma-separated letter list in text: (letters, their char offsets, the offset just past it)."""
+    m = LETTER_LIST.search(text)
+    if m is None:
+        return [], [], None
+    found = list(re.finditer("[a-z]", m.group()))
+    return [k.group() for k in found], [m.start() + k.start() for k in found], m.end()
+
+
+def check_response(instruction, response):
+    """Judge a response to a letter-sorting instruction: a Verdict with the kind, the judgment and the wrong tokens."""
+    want, _, _ = _letter_list(instruction)
+    if not want:
+        raise ValueError(f"check_response: no comma-separated letter list in the instruction {instruction!r}")
+    want = sorted(want)
+    got, at, end = _letter_list(response)
+    extra = [at[i] for i, c in enumerate(got) if got[:i + 1].count(c) > want.count(c)]
+    missing = [k for k, c in enumerate(want) if want[:k + 1].count(c) > got.count(c)]
+    place = 0  # the ordinal of the place that the order and missing wordings name; the others have no slot for it
+    if not got:
+        kind, wrong = "garbage", []
+    elif extra:
+        kind, wrong = "extra", extra
+    elif missing:  # the wrong token is the one written where the first missing letter belongs
+        kind, place = "missing", missing[0]
+        wrong = [next((o for o, c in zip(at, got) if c > want[place]), end)]
+    else:
+        bad = [i for i in range(len(want)) if got[i] != want[i]]
+        if not bad:
+            return Verdict("ok", None, [])
+        kind, place, wrong = "swap" if bad == [len(want) - 2, len(want) - 1] else "order", bad[0], [at[i] for i in bad]
+    wordings = TASK_JUDGMENTS["missing_more" if len(missing) > 1 and kind == "missing" else kind]
+    # The wording is a fixed function of the response (crc32 is stable across runs, unlike hash()): re-checking a
+    # response always gives back the judgment it was generated with.
+    text = wordings[zlib.crc32(response.encode()) % len(wordings)]
+    return Verdict(kind, text.format(ORDINALS[place] if place < len(ORDINALS) else f"{place + 1}th"), wrong)
+
+
+def make_task(n, seed=0, flawed_frac=0.65, missing_frac=0.2):
+    """n Triples, the same for the same seed. round(n * flawed_frac) responses are
+    flawed: one letter left out (a missing_frac share of them) or else the last two letters swapped; check_response
+    writes their judgments. The others are correct, with judgment None."""
+    rng = random.Random(seed)
+    flawed = set(rng.sample(range(n), round(n * flawed_frac)))
+    triples = []
+    for i in range(n):
+        letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(4, 7))
+        instruction = rng.choice(TASK_INSTRUCTIONS).format(", ".join(letters))
+        answer = sorted(letters)
+        if i in flawed and rng.random() < missing_frac:
+            del answer[rng.randrange(len(answer))]
+        elif i in flawed:
+            answer[-2], answer[-1] = answer[-1], answer[-2]
+        response = rng.choice(TASK_RESPONSES).format(", ".join(answer))
+        triples.append(Triple(instruction, response, check_response(instruction, response).judgment))
+    return triples
+
+
+# ----------------------------------------------------------------------------- configuration of the programs
+def configure(config, argv):
+    """nanoGPT-style overrides of a program's defaults: a JSON config file and --key=value flags, type-checked.
+
+    config: {key: default}; argv: e.g. ['run.json', '--lam=1.2']. Returns a new dict. A value takes the type of
+    its default (an int is accepted for a float; a None default takes any literal)."""
+    config = dict(config)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ValueError(f"argument {arg!r}: expected --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = {"true": True, "false": False}.get(text.lower(), text)  # a bare word is a string
+            items = [(key, value)]
+        else:
+            try:
+                items = json.loads(Path(arg).read_text()).items()
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"config file {arg}: {e}") from None
+        for key, value in items:
+            if key not in config:
+                raise ValueError(f"unknown config key {key!r} (from {arg}); known keys: {', '.join(config)}")
+            default = config[key]
+            if isinstance(default, float) and type(value) is int:
+                value = float(value)
+            if default is not None and type(value) is not type(default):
+                raise ValueError(f"config key {key!r} (from {arg}): expected {type(default).__name__}, got {value!r}")
+            config[key] = value
+    return config

@@ -1,0 +1,482 @@
+"""data.py against independent references: tokenizers / transformers, known token ids, hand-written strings."""
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from data import (JUDGED, PLAIN, POSITIVE_JUDGMENT, TASK_JUDGMENTS, TASK_RESPONSES, Tokenizer, Triple, check_response,
+                  collate, configure, encode_triples, load_triples, make_task, prompt_ids, split_triples)
+
+# ----------------------------------------------------------------------------- tokenizers
+CORPUS = [
+    "Hello world", "This is a test sentence.", "",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)  # slow\n\n\n",
+    "for (int i = 0; i < n; ++i) { a[i] = b[i] * 2.5f; }\t// tabs\t\tand more",
+    "我们今天去公园散步，天气很好。", "مرحبا بالعالم، كيف حالك؟", "Привет, мир! Как дела?", "नमस्ते दुनिया, आप कैसे हैं?",
+    "こんにちは世界", "Ελληνικά κείμενα", "😀👍🏽 family: 👨‍👩‍👧 flags 🇫🇷🇯🇵",
+    "1234567890 3.14159 1,000,000 2024-01-31 12:30:45 0x1F 1e-9",
+    "a   b\t\tc\n\n\n  d \n \n", "   leading spaces", "trailing spaces   ", "\r\n\r\nwindows\r\nlines",
+    "I'm you're they've he'd we'll it's DON'T I'LL She'S", "naïve café résumé Ångström ß ﬁ",
+    "<html><body class=\"x\">&amp; &lt;tag&gt;</body></html>", "$ ls -la | grep '^d' && echo \"done\" >> log.txt",
+]
+random.seed(0)
+CORPUS.append("".join(random.choice(CORPUS) + random.choice([" ", "\n", "", "  ", "\n\n"]) for _ in range(300)))
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    return Tokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="module")
+def llama3(llama3_tokenizer_file):
+    return Tokenizer.from_pretrained(llama3_tokenizer_file)
+
+
+@pytest.fixture(scope="module")
+def smollm2_ref(smollm2_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    return tokenizers.Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+
+
+def test_smollm2_matches_tokenizers(smollm2, smollm2_ref):
+    assert len(CORPUS[-1]) > 3000
+    for text in CORPUS:
+        ids = smollm2.encode(text)
+        assert ids == smollm2_ref.encode(text, add_special_tokens=False).ids, text[:80]
+        assert smollm2.decode(ids) == text
+    assert (smollm2.n_vocab, smollm2.bos_id, smollm2.eos_id, smollm2.stop_ids) == (49152, None, 2, [0, 2])
+    assert smollm2.chat == "chatml" and smollm2.instruct  # chat_template.jinja beside tokenizer.json
+
+
+def test_bytes_missing_from_vocab_are_dropped(smollm2, smollm2_ref):
+    # SmolLM2's vocabulary lacks the byte 0x04: tiktoken would panic; tokenizers drops it
+    ids = smollm2.encode("a\x04b")
+    assert smollm2.decode(ids) == smollm2_ref.decode(smollm2_ref.encode("a\x04b", add_special_tokens=False).ids) == "ab"
+
+
+def test_llama3_tokenizer_model_known_ids(llama3):
+    assert llama3.encode("Hello world") == [9906, 1917]
+    assert llama3.encode("This is a test sentence.") == [2028, 374, 264, 1296, 11914, 13]
+    expected = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|reserved_special_token_0|>": 128002,
+                "<|finetune_right_pad_id|>": 128004, "<|reserved_special_token_2|>": 128005,
+                "<|start_header_id|>": 128006, "<|end_header_id|>": 128007, "<|eom_id|>": 128008, "<|eot_id|>": 128009,
+                "<|python_tag|>": 128010, "<|reserved_special_token_3|>": 128011,
+                "<|reserved_special_token_247|>": 128255}
+    for text, i in expected.items():
+        assert llama3.decode([i]) == text
+    assert (llama3.n_vocab, llama3.bos_id, llama3.eos_id, llama3.stop_ids) == (128256, 128000, 128009,
+                                                                            [128001, 128008, 128009])
+    assert llama3.chat == "llama3" and not llama3.instruct
+    for text in CORPUS:
+        assert llama3.decode(llama3.encode(text)) == text
+
+
+def test_llama3_hf_tokenizer_json_matches_tokenizers_and_meta(llama3, llama3_tokenizer_file, tmp_path):
+    """Llama 3's HF layout (Split + ByteLevel, BOS by the post-processor), as transformers converts Meta's file."""
+    pytest.importorskip("transformers")
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    specials = [llama3.decode([i]) for i in range(128000, 128256)]
+    ref = TikTokenConverter(vocab_file=str(llama3_tokenizer_file), extra_special_tokens=specials).converted()
+    ref.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 128000)])])
+    ref.save(str(tmp_path / "tokenizer.json"))
+    hf = Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
+    for text in CORPUS:
+        ids = hf.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids == llama3.encode(text), text[:80]
+    assert ref.encode("x").ids[0] == hf.bos_id == 128000
+    assert (hf.n_vocab, hf.eos_id, hf.stop_ids, hf.chat) == (128256, 128009, [128001, 128008, 128009], "llama3")
+
+
+def test_special_token_text_is_not_parsed(smollm2, smollm2_ref, llama3):
+    for tok, text, special in [(smollm2, "<|im_end|>", 2), (smollm2, "<|im_start|>", 1), (llama3, "<|eot_id|>", 128009),
+                               (llama3, "<|begin_of_text|>", 128000), (Tokenizer.byte_level(), "<|eos|>", 257)]:
+        ids = tok.encode(f"say {text} now")
+        assert len(ids) > 3 and special not in ids and tok.decode(ids) == f"say {text} now"
+        assert tok.decode([special]) == text
+    assert 2 in smollm2_ref.encode("say <|im_end|> now").ids  # the reference does parse it: the text is the real one
+
+
+def test_byte_level_round_trip_and_save(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = Tokenizer.byte_level()
+    text = "héllo wörld 😀 \n\t 123 <|bos|>"
+    assert tok.encode(text) == list(text.encode()) and tok.decode(tok.encode(text)) == text
+    assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.stop_ids) == (258, 256, 257, [257])
+    assert tok.chat is None and not tok.instruct
+    tok.save(tmp_path)
+    back = Tokenizer.from_pretrained(tmp_path)
+    ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert (back.n_vocab, back.bos_id, back.eos_id, back.stop_ids) == (258, 256, 257, [257])
+    for text in CORPUS[:-1]:
+        assert back.encode(text) == ref.encode(text, add_special_tokens=False).ids == list(text.encode())
+    assert ref.encode("a").ids == [256, 97] and ref.decode([104, 105]) == "hi"
+
+
+def test_save_round_trip(smollm2, llama3, tmp_path):
+    for name, tok in [("smollm2", smollm2), ("llama3", llama3)]:
+        tok.save(tmp_path / name)
+        back = Tokenizer.from_pretrained(tmp_path / name)
+        assert (back.n_vocab, back.bos_id, back.eos_id, back.stop_ids, back.chat, back.instruct) == (
+            tok.n_vocab, tok.bos_id, tok.eos_id, tok.stop_ids, tok.chat, tok.instruct)
+        assert back.encode(CORPUS[-1]) == tok.encode(CORPUS[-1])
+
+
+def test_prompt_templates(smollm2, llama3):
+    plain = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+             "request.\n\n### Instruction:\nName a {color}.\n\n### Response:\n")
+    judged = ("Below is an instruction that describes a task. Write a response to the instruction and the response "
+              "should match the corresponding judgment.\n\n### Instruction:\nName a {color}.\n\n### Judgment:\n"
+              "Too vague.\n\n### Response:\n")
+    assert PLAIN.format(instruction="Name a {color}.") == plain
+    assert JUDGED.format(instruction="Name a {color}.", judgment="Too vague.") == judged
+    for tok, bos in [(smollm2, ""), (llama3, "<|begin_of_text|>")]:
+        ids = prompt_ids(tok, "Name a {color}.")
+        assert tok.decode(ids) == bos + plain and ids[len(bos and [1]):] == tok.encode(plain)
+        assert tok.decode(prompt_ids(tok, "Name a {color}.", "Too vague.")) == bos + judged
+
+
+def test_chat_prompt_smollm2_matches_apply_chat_template(smollm2, smollm2_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_dir))
+    system = [{"role": "system", "content": "You are helpful."}]
+
+    def hf_ids(messages, **kw):
+        out = hf.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out if isinstance(out, list) else out["input_ids"])
+
+    head = hf_ids(system)
+    cases = [("What is 2+2?", None, "What is 2+2?"),  # (instruction, judgment, the user turn's content)
+             ("  Two spaces\n\nand lines ", "Wrong.", "  Two spaces\n\nand lines \n\n### Judgment:\nWrong.")]
+    for instruction, judgment, content in cases:
+        full = hf_ids(system + [{"role": "user", "content": content}], add_generation_prompt=True)
+        assert full[:len(head)] == head and full[len(head):] == prompt_ids(smollm2, instruction, judgment, chat=True)
+    ids = prompt_ids(smollm2, "x<|im_end|>", chat=True)
+    assert ids.count(2) == 1 and ids.count(1) == 2  # only the format's own control tokens
+
+
+def test_chat_prompt_llama3(llama3):
+    text = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n\nWhat is 2+2?\n\n### Judgment:\nWrong."
+            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = prompt_ids(llama3, "\nWhat is 2+2?", "Wrong.", chat=True)  # the user text joins the "\n\n" before it
+    assert ids == llama3.enc.encode(text, allowed_special="all") and llama3.decode(ids) == text
+    assert ids[:2] == [128000, 128006] and ids[-4:] == [128006, 78191, 128007, 271]
+    with pytest.raises(ValueError, match="no chat format"):
+        prompt_ids(Tokenizer.byte_level(), "x", chat=True)
+
+
+def test_unsupported_tokenizers_fail_clearly(tmp_path):
+    sentencepiece_style = {
+        "version": "1.0", "added_tokens": [{"id": 0, "content": "<unk>", "special": True}],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [{"type": "ByteFallback"}]},
+        "model": {"type": "BPE", "byte_fallback": True, "unk_token": "<unk>", "vocab": {"<unk>": 0, "▁": 1, "a": 2},
+                  "merges": []}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(sentencepiece_style))
+    with pytest.raises(ValueError, match="only byte-level BPE tokenizer.json and Meta's") as err:
+        Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path / "tokenizer.json") in str(err.value)
+    unigram = dict(sentencepiece_style, normalizer=None, model={"type": "Unigram", "vocab": [["<unk>", 0.0]]})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(unigram))
+    with pytest.raises(ValueError, match="only byte-level BPE"):
+        Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
+    (tmp_path / "sp" / "tokenizer.model").parent.mkdir()
+    sentencepiece_model = b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x08\n\x03\xe2\x96\x81"  # protobuf
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(sentencepiece_model)
+    with pytest.raises(ValueError, match="tokenizer.model: cannot read it .*only byte-level BPE"):
+        Tokenizer.from_pretrained(tmp_path / "sp")
+    Tokenizer.byte_level().save(tmp_path / "bl")
+    spec = json.loads((tmp_path / "bl" / "tokenizer.json").read_text())
+    spec["model"]["vocab"].update({"ab": 258, "bc": 259})
+    spec["model"]["merges"] = [["b", "c"], ["a", "b"]]  # BPE by merges order != BPE by ids: refuse, never differ
+    (tmp_path / "bl" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="merges do not follow the vocab ids"):
+        Tokenizer.from_pretrained(tmp_path / "bl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: no tokenizer.json, tokenizer.model"):
+        Tokenizer.from_pretrained(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- triples and the builder
+X = "Sort the letters of 'dbac' alphabetically."
+J = "The last two letters are swapped."
+ACC = Triple(X, "The sorted letters are: a b c d.", None)
+NEG = Triple(X, "The sorted letters are: a b d c.", J)
+
+
+@pytest.fixture(scope="module")
+def byte_tok():
+    return Tokenizer.byte_level()
+
+
+@pytest.fixture(scope="module")
+def smol_tok(smollm2_dir):
+    return Tokenizer.from_pretrained(smollm2_dir)
+
+
+def check_rows(batch_idx, batch_targets, rows, pad_id):
+    """Row r of the batch is (prompt + trained)[:-1], then padding; targets are -100 but on the trained span."""
+    for r, (p, t) in enumerate(rows):
+        n = len(p) + len(t) - 1
+        assert batch_idx[r, :n].tolist() == (p + t)[:-1]
+        assert (batch_idx[r, n:] == pad_id).all()
+        assert (batch_targets[r, :len(p) - 1] == -100).all() and (batch_targets[r, n:] == -100).all()
+        assert batch_targets[r, len(p) - 1:n].tolist() == t
+
+
+@pytest.mark.parametrize("which", ["byte", "smol"])
+def test_response_ids_identical_across_a_triples_rows(which, request):
+    tok = request.getfixturevalue(f"{which}_tok")
+    resp = tok.encode(NEG.response) + [tok.eos_id]
+    for chat in (False, True) if tok.chat else (False,):
+        [e] = encode_triples(tok, [NEG], "cut", 4096, chat=chat, j_pos=POSITIVE_JUDGMENT)
+        assert [t for _, t in e.rows] == [resp, resp] and e.pos[1] == resp
+        assert e.rows[0][0] == prompt_ids(tok, X, chat=chat)
+        assert e.rows[1][0] == prompt_ids(tok, X, J, chat=chat)
+        assert e.pos[0] == prompt_ids(tok, X, POSITIVE_JUDGMENT, chat=chat)
+        b = collate([e])
+        spans = [row[row != -100].tolist() for row in [*b.targets, *b.pos_targets]]
+        assert spans == [resp] * 3
+        assert tok.decode(spans[0][:-1]) == NEG.response and spans[0][-1] == tok.eos_id
+
+
+def test_smollm2_response_ids_match_reference_tokenizer(smol_tok, smollm2_dir):
+    from tokenizers import Tokenizer as HFTokenizer
+    ref = HFTokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    [e] = encode_triples(smol_tok, [NEG], "cut", 4096)
+    assert e.rows[1][1] == ref.encode(NEG.response, add_special_tokens=False).ids + [ref.token_to_id("<|im_end|>")]
+
+
+@pytest.mark.parametrize("which", ["byte", "smol"])
+def test_truncation_cuts_the_prompts_left_and_keeps_bos_and_response(which, request):
+    tok = request.getfixturevalue(f"{which}_tok")
+    [full] = encode_triples(tok, [NEG], "cut", 4096)
+    (p, t), (pj, _) = full.rows
+    head = [tok.bos_id] if tok.bos_id is not None else []
+    [same] = encode_triples(tok, [NEG], "cut", len(pj) + len(t) - 1)  # the longest row just fits
+    assert same.rows == full.rows
+    [cut] = encode_triples(tok, [NEG], "cut", len(t) + 19)  # room for 20 prompt tokens per row
+    for (p0, t0), (p1, t1) in zip(full.rows, cut.rows):
+        assert t1 == t0 and len(p1) + len(t1) - 1 == len(t) + 19
+        assert p1 == head + p0[-(20 - len(head)):]
+    assert tok.decode(cut.rows[0][0][len(head):]).endswith("### Response:\n")
+    assert collate([cut]).idx.shape[1] == len(t) + 19
+
+
+def test_too_long_response_is_dropped_and_counted(byte_tok, capsys):
+    t = byte_tok.encode(NEG.response) + [byte_tok.eos_id]
+    assert encode_triples(byte_tok, [ACC, NEG], "cut", len(t) - 1) == []
+    assert "dropped 2 longer than" in capsys.readouterr().out
+    [e] = encode_triples(byte_tok, [NEG], "cut", len(t))  # one prompt token left: BOS, or the prompt's last
+    first = [byte_tok.bos_id] if byte_tok.bos_id is not None else prompt_ids(byte_tok, X)[-1:]
+    assert [p for p, _ in e.rows] == [first, first] and [t1 for _, t1 in e.rows] == [t, t]
+
+
+def test_row_structure_of_each_mode(byte_tok, capsys):
+    tok, eos = byte_tok, byte_tok.eos_id
+    y_acc, y_neg = tok.encode(ACC.response) + [eos], tok.encode(NEG.response) + [eos]
+    plain = prompt_ids(tok, X)
+    a, n = encode_triples(tok, [ACC, NEG], "cut", 4096)
+    assert (a.rows, a.x_row, a.j_row, a.is_neg, a.pos) == ([(plain, y_acc)], 0, 0, False, None)
+    assert (n.rows, n.x_row, n.j_row, n.is_neg) == ([(plain, y_neg), (prompt_ids(tok, X, J), y_neg)], 0, 1, True)
+    assert [e.rows for e in encode_triples(tok, [ACC, NEG], "sft", 4096)] == [[(plain, y_acc)]]
+    assert "skipped 1 flawed" in capsys.readouterr().out
+    assert [e.rows for e in encode_triples(tok, [ACC, NEG], "sft_all", 4096)] == [[(plain, y_acc)], [(plain, y_neg)]]
+    a, n = encode_triples(tok, [ACC, NEG], "hindsight", 4096)
+    assert a.rows == [(prompt_ids(tok, X, POSITIVE_JUDGMENT), y_acc)] and n.rows == [(prompt_ids(tok, X, J), y_neg)]
+    assert a.j_row == a.x_row == n.j_row == 0
+    a, n = encode_triples(tok, [ACC, NEG], "forward", 4096)
+    assert a.rows[0] == (plain, y_acc) and (n.x_row, n.j_row) == (0, 1)
+    for e, resp, judgment in ((a, ACC.response, POSITIVE_JUDGMENT), (n, NEG.response, J)):
+        p, t = e.rows[1]
+        assert t[-1] == eos and tok.decode(t[:-1]) == judgment
+        assert p[:len(plain)] == plain and tok.decode(p[len(plain):]) == resp + "\n\n### Judgment:\n"
+    with pytest.raises(ValueError, match="unknown mode"):
+        encode_triples(tok, [ACC], "dpo", 4096)
+    with pytest.raises(ValueError, match="j\\+"):
+        encode_triples(tok, [ACC], "sft", 4096, j_pos=POSITIVE_JUDGMENT)
+
+
+def test_collate_shapes_padding_and_row_indices(byte_tok):
+    enc = encode_triples(byte_tok, [ACC, NEG, ACC], "cut", 4096, j_pos=POSITIVE_JUDGMENT)
+    b = collate(enc, pad_id=7).to("cpu")
+    rows = [r for e in enc for r in e.rows]
+    assert b.idx.shape == b.targets.shape == (4, max(len(p) + len(t) for p, t in rows) - 1)
+    assert b.x_rows.tolist() == [0, 1, 3] and b.j_rows.tolist() == [0, 2, 3]
+    assert b.is_neg.tolist() == [False, True, False] and b.idx.dtype == b.targets.dtype == torch.long
+    check_rows(b.idx, b.targets, rows, 7)
+    assert b.pos_idx.shape[0] == 3
+    check_rows(b.pos_idx, b.pos_targets, [e.pos for e in enc], 7)
+    assert collate(encode_triples(byte_tok, [ACC], "cut", 4096)).pos_idx is None
+
+
+def write(path, records, jsonl):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n" if jsonl else json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_load_triples_authors_format(tmp_path, capsys, jsonl):
+    rec = lambda **kw: {"id": 0, "instruction": "x", "input": "", "output": "y", "judgment": None, **kw}
+    records = [rec(), rec(input="more", judgment=""), rec(judgment="Perfect response."), rec(judgment="Bad", score=7),
+               rec(judgment="Bad", score=3), rec(judgment="$ERROR$"), rec(judgment="Wrong")]
+    got = load_triples(write(tmp_path / "a.json", records, jsonl))
+    assert [t.judgment for t in got] == [None, None, None, None, "Bad", "Wrong"]
+    assert got[1].instruction == "x\nmore" and got[0].instruction == "x" and got[0].response == "y"
+    assert "loaded 6 triples (4 acceptable, 2 flawed), dropped 1 ($ERROR$ judgments: 1)" in capsys.readouterr().out
+
+
+def test_load_triples_shepherd_and_plain(tmp_path):
+    shep = [{"id": 0, "dataset": "d", "question": "q", "answer": "a", "feedback": "f"}]
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(shep[0]) + "\n\n" + json.dumps(shep[0]) + "\n")
+    assert load_triples(path) == [Triple("q", "a", "f")] * 2
+    plain = [{"instruction": "x", "response": "y", "judgment": None}, {"instruction": "x", "response": "z", "judgment": "j"}]
+    for jsonl in (False, True):
+        assert load_triples(write(tmp_path / "p", plain, jsonl)) == [Triple("x", "y", None), Triple("x", "z", "j")]
+
+
+GOOD = {"instruction": "x", "response": "y", "judgment": None}
+
+
+@pytest.mark.parametrize("content, where, what", [
+    (json.dumps(GOOD) + "\n{not json\n", "line 2", "not valid JSON"),
+    (json.dumps([GOOD, {"instruction": "x", "response": "y"}]), "record 1", "'judgment'"),
+    (json.dumps([GOOD, GOOD, {**GOOD, "response": 3}]), "record 2", "'response'"),
+    ("\n".join(json.dumps(r) for r in [GOOD, GOOD, {"question": "q", "answer": "a", "feedback": ["f"]}]), "line 3", "'feedback'"),
+    (json.dumps([{"instruction": "x", "input": "", "output": "y", "judgment": "j", "score": "9"}]), "record 0", "'score'"),
+    (json.dumps({"question": "q", "answer": "a", "feedback": " "}), "line 1", "'feedback' is empty"),
+    (json.dumps([{"instruction": "x", "output": 5, "judgment": None}]), "record 0", "'output'"),
+    (json.dumps([GOOD, {"prompt": "x"}]), "record 1", "unknown record"),
+    (json.dumps([GOOD, "x"]), "record 1", "JSON object"),
+])
+def test_load_triples_errors_name_file_record_and_field(tmp_path, content, where, what):
+    path = tmp_path / "bad.data"
+    path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        load_triples(path)
+    assert str(path) in str(err.value) and where in str(err.value) and what in str(err.value)
+
+
+def test_load_triples_missing_or_empty_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_triples(tmp_path / "nope.json")
+    for content in ("[]", json.dumps([{"instruction": "x", "output": "y", "judgment": "$ERROR$"}])):
+        (tmp_path / "e.json").write_text(content)
+        with pytest.raises(ValueError, match="no usable triples"):
+            load_triples(tmp_path / "e.json")
+
+
+def test_load_triples_real_files(shared_data):
+    raw = json.loads((shared_data / "cut-online-iter1.json").read_text())
+    err = [r for r in raw if r["judgment"] == "$ERROR$"]
+    ok = [r for r in raw if r["judgment"] != "$ERROR$"]
+    acceptable = [r for r in ok if not r["judgment"] or r["judgment"].startswith("Perfect") or r.get("score", 0) >= 7]
+    assert (len(raw), len(err), len(acceptable), len(ok) - len(acceptable)) == (1000, 47, 713, 240)
+    got = load_triples(shared_data / "cut-online-iter1.json")
+    assert (len(got), sum(t.judgment is None for t in got)) == (953, 713)
+    with_input = next(i for i, r in enumerate(ok) if r["input"])
+    assert got[with_input].instruction == ok[with_input]["instruction"] + "\n" + ok[with_input]["input"]
+    assert got[with_input].response == ok[with_input]["output"]
+    shep = load_triples(shared_data / "shepherd-human-1317.jsonl")
+    first = json.loads((shared_data / "shepherd-human-1317.jsonl").open().readline())
+    assert len(shep) == 1317 and all(t.judgment for t in shep)
+    assert shep[0] == Triple(first["question"], first["answer"], first["feedback"])
+
+
+def test_split_is_deterministic_disjoint_and_leaves_global_rng_alone():
+    triples = [Triple(f"x{i}", "y", None) for i in range(100)]
+    state = torch.get_rng_state()
+    train, val = split_triples(triples, 0.1, seed=3)
+    assert torch.equal(state, torch.get_rng_state())
+    assert (len(train), len(val)) == (90, 10)
+    assert sorted(t.instruction for t in train + val) == sorted(t.instruction for t in triples)
+    assert split_triples(triples, 0.1, seed=3) == (train, val)
+    assert split_triples(triples, 0.1, seed=4)[1] != val
+    assert split_triples(triples, 0.0)[1] == []
+
+
+# ----------------------------------------------------------------------------- the built-in task
+SORT_X = "Sort these letters alphabetically: q, d, m, a"  # sorted: a, d, m, q
+
+
+@pytest.mark.parametrize("response, letters_at", [
+    ("a, d, m, q", 0), ("a, d, m, q.", 0), ("Sorted: a, d, m, q.", 8), ("In alphabetical order: a, d, m, q", 23),
+    ("Here they are in order: a, d, m, q.", 24), ("The sorted letters are a, d, m, q.", 23)])
+def test_correct_in_every_response_phrasing(response, letters_at):
+    assert response in [p.format("a, d, m, q") for p in TASK_RESPONSES]
+    assert response[letters_at] == "a"
+    v = check_response(SORT_X, response)
+    assert (v.ok, v.kind, v.judgment, v.wrong) == (True, "ok", None, [])
+    assert check_response("Please sort the letters q, d, m, a in alphabetical order.", response).ok
+
+
+@pytest.mark.parametrize("response, kind, wrong", [
+    ("Sorted: a, d, q, m.", "swap", [14, 17]),        # the systematic mistake: the two last letters
+    ("a, d, q, m", "swap", [6, 9]),
+    ("Sorted: a, m, d, q.", "order", [11, 14]),       # breaks at the second letter
+    ("d, a, m, q", "order", [0, 3]),
+    ("q, m, d, a", "order", [0, 3, 6, 9]),
+    ("Sorted: a, d, q.", "missing", [14]),            # m left out: q stands where m belongs
+    ("a, d, m", "missing", [7]),                      # q left out: the list ends where q belongs (end of sequence)
+    ("a, d, m.", "missing", [7]),                     # ... and here the full stop stands there
+    ("d, m, q", "missing", [0]),
+    ("a, d, m, q, z", "extra", [12]),
+    ("a, d, d, m, q", "extra", [6]),                  # a repeated letter is one too many
+    ("a, b, m, q", "extra", [3]),                     # b instead of d: an extra letter (and a missing one)
+    ("", "garbage", []), ("I do not know.", "garbage", []), ("a", "garbage", []),
+])
+def test_checker_kinds_and_wrong_offsets(response, kind, wrong):
+    v = check_response(SORT_X, response)
+    assert (v.ok, v.kind, v.wrong) == (False, kind, wrong)
+    assert v.judgment and v.judgment[0].isupper() and v.judgment.endswith(".")
+
+
+def test_judgments_name_the_place():
+    assert "second" in check_response(SORT_X, "Sorted: a, m, d, q.").judgment
+    assert "first" in check_response(SORT_X, "d, a, m, q").judgment
+    assert "third" in check_response(SORT_X, "a, d, q").judgment
+    assert "fourth" in check_response(SORT_X, "a, d, m").judgment
+    assert check_response(SORT_X, "a, q").judgment in [w.format("second") for w in TASK_JUDGMENTS["missing_more"]]
+    assert check_response(SORT_X, "a, d, q, m").judgment in TASK_JUDGMENTS["swap"]
+
+
+def test_instruction_without_letters_fails_clearly():
+    with pytest.raises(ValueError, match="no comma-separated letter list"):
+        check_response("Sort these letters.", "a, b")
+
+
+def test_make_task_is_deterministic_and_flawed_fraction_exact():
+    a = make_task(300, seed=0)
+    assert a == make_task(300, seed=0) and a != make_task(300, seed=1)
+    assert sum(t.judgment is not None for t in a) == round(300 * 0.65)
+    assert all(t.judgment is not None for t in make_task(50, seed=2, flawed_frac=1.0))
+    assert all(t.judgment is None for t in make_task(50, seed=2, flawed_frac=0.0))
+
+
+def test_generated_triples_agree_with_the_checker_and_describe_not_spell_out():
+    triples = make_task(2000, seed=3)
+    kinds = [check_response(t.instruction, t.response).kind for t in triples]
+    assert kinds.count("ok") == 700 and set(kinds) == {"ok", "swap", "missing"}
+    assert 0.15 < kinds.count("missing") / 1300 < 0.25                  # missing_frac=0.2 of the flawed ones
+    for (x, y, j), kind in zip(((t.instruction, t.response, t.judgment) for t in triples), kinds):
+        assert check_response(x, y).judgment == j                       # the checker wrote the judgment
+        assert (j is None) == (kind == "ok")
+        assert len(x) < 100 and len(y) < 100 and x.isascii() and y.isascii()
+        if j is not None:
+            assert len(j) < 80 and not set(re.findall(r"\b\w\b", j)) & set(re.findall(r"\b[a-z]\b", y))
+    assert len({j for j in (t.judgment for t in triples) if j}) >= len(TASK_JUDGMENTS["swap"]) + 3  # the wording varies
+    assert len({re.sub(r"[a-z](, [a-z])+", "#", y) for t in triples for y in [t.response]}) == len(TASK_RESPONSES)
+
+
+def test_no_wording_contains_a_single_letter_word():
+    for wordings in TASK_JUDGMENTS.values():
+        for w in wordings:
+            assert not re.findall(r"\b[A-Za-z]\b", w.format("third")), w
