@@ -55,7 +55,7 @@ def cut_loss(logp_x, logp_j, is_neg, mask, lam=1.1, alpha=1.0, gamma=0.0, logp_p
     l1_terms = torch.where(U, weight * log_1m_px, logp_x)
     loss = mle_loss(l1_terms, neg_mask) + mle_loss(logp_l2, mask)
     frac_unlikely = U.sum() / neg_mask.sum().clamp(min=1)  # share of the flawed responses' tokens in U
-    return loss, {'frac_unlikely': frac_unlikely.detach()}
+    return loss, {'frac_unlikely': frac_unlikely.detach(), 'U': U}  # U (B, N) bool: eval.py measures it
 
 
 def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, logp_pos=None):
