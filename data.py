@@ -30,6 +30,8 @@ CHAT_FORMATS = {
                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
     "chatml": ("<|im_start|>", "<|im_end|>", "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"),
 }
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "<|eos|>", "<|eom_id|>")
 SUPPORTED = "only byte-level BPE tokenizer.json and Meta's Llama 3 tokenizer.model are supported"
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -159,8 +161,9 @@ class Tokenizer:
 
     @classmethod
     def byte_level(cls):
-        """Ids 0..255 are the bytes, then <|bos|> 256, <|eos|> 257: a byte-level BPE with no merges (tokenizer.json)."""
-        names = ("<|bos|>", "<|eos|>")
+        """Ids 0..255 are the bytes, then <|bos|> 256, <|eos|> 257, <|im_start|> 258, <|im_end|> 259: a byte-level BPE
+        with no merges (tokenizer.json), and ChatML, whose short prompts keep the built-in task cheap on a CPU."""
+        names = ("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
         spec = {"added_tokens": [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                                   "normalized": False, "special": True} for i, t in enumerate(names)],
@@ -170,9 +173,10 @@ class Tokenizer:
                     "special_tokens": {names[0]: {"id": names[0], "ids": [256], "tokens": [names[0]]}}},
                 "model": {"type": "BPE", "vocab": {c: b for b, c in _byte_chars().items()}, "merges": []}}
         files = {"tokenizer.json": json.dumps(spec, ensure_ascii=False).encode(),
-                 "tokenizer_config.json": json.dumps({"bos_token": names[0], "eos_token": names[1]}).encode()}
+                 "tokenizer_config.json": json.dumps({"bos_token": names[0], "eos_token": names[3],
+                                                      "chat_template": CHATML_TEMPLATE}).encode()}
         ranks, special, pattern, bos = _hf_parts(spec, "byte_level")
-        return cls._build("byte_level", pattern, ranks, special, bos, names[1], False, files)
+        return cls._build("byte_level", pattern, ranks, special, bos, names[3], True, files)
 
     def encode(self, text):
         return self.enc.encode_ordinary(self.drop.sub("", text) if self.drop else text)
@@ -504,8 +508,8 @@ def configure(config, argv):
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ValueError(f"argument {arg!r}: expected --key=value")
-            try:
-                value = ast.literal_eval(text)
+            try:  # a str default takes the text as it is: --out_dir=123 names the directory '123'
+                value = text if isinstance(config.get(key), str) else ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = {"true": True, "false": False}.get(text.lower(), text)  # a bare word is a string
             items = [(key, value)]

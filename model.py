@@ -24,7 +24,7 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 4
-    vocab_size: int = 258
+    vocab_size: int = 260
     hidden_dim: int = 384          # SwiGLU inner size
     head_dim: int = 0              # 0: dim // n_heads
     norm_eps: float = 1e-5

@@ -35,7 +35,7 @@ alpha = 1.0             # unlikelihood weight
 gamma = 0.0             # dynamic weighting exponent (0: the authors' code)
 j_pos = ""              # an explicit positive judgment j+; '' = no judgment (the authors' choice)
 chat = "auto"           # prompt format: 'auto' (the chat format for instruct checkpoints), 'yes', 'no'
-max_iters = 300
+max_iters = 200
 batch_size = 16         # triples per micro-step
 gradient_accumulation_steps = 1  # micro-steps per iteration, over all processes together
 learning_rate = 3e-4
@@ -58,7 +58,7 @@ resume = False
 # the built-in task, and the model trained from scratch for it
 task_size = 12000
 task_flawed = 0.65      # share of flawed responses in the task's fine-tuning data
-base_iters = 600        # 'builtin' from scratch: first train an MLE base on the task's responses (out_dir/base)
+base_iters = 400        # 'builtin' from scratch: first train an MLE base on the task's responses (out_dir/base)
 base_lr = 2e-3
 n_layers = 4
 n_heads = 4
@@ -158,6 +158,8 @@ def train(cfg):
         dev_type = torch.device(dev).type
     except RuntimeError:
         raise ValueError(f"unknown device {dev!r}") from None
+    if dev_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {dev!r}, but torch sees no CUDA GPU here")
     if cfg["gradient_accumulation_steps"] % world:
         raise ValueError(f"gradient_accumulation_steps={cfg['gradient_accumulation_steps']} does not divide among "
                          f"{world} processes (it counts micro-steps over all of them)")
@@ -166,6 +168,8 @@ def train(cfg):
     if master:
         out.mkdir(parents=True, exist_ok=True)
         finish_checkpoint(out)
+    if ddp:  # the other ranks read the checkpoint only once rank 0 has finished an interrupted save
+        dist.barrier()
     scratch = cfg["init_from"] == "scratch"
     tok = Tokenizer.byte_level() if scratch else Tokenizer.from_pretrained(cfg["init_from"])
     chat = {"auto": tok.instruct, "yes": True, "no": False}[cfg["chat"]]
@@ -282,9 +286,10 @@ def main(argv):
             # CUT is a fine-tuning method (evidence-notes.md): first an MLE base that learns the task and its mistake
             base = dict(cfg, out_dir=str(Path(cfg["out_dir"]) / "base"), loss="sft_all", max_iters=cfg["base_iters"],
                         learning_rate=cfg["base_lr"], min_lr=cfg["base_lr"] / 10, seed=cfg["seed"] + 1)
-            if not (cfg["resume"] and (Path(base["out_dir"]) / "model.safetensors").exists()):
-                train(dict(base, resume=False))
-            cfg = dict(cfg, init_from=base["out_dir"])
+            # --resume goes on with whichever phase was killed (a finished base resumes to no work)
+            has_state = lambda d: cfg["resume"] and (Path(d) / "train_state.pt").exists()
+            train(dict(base, resume=has_state(base["out_dir"])))
+            cfg = dict(cfg, init_from=base["out_dir"], resume=has_state(cfg["out_dir"]))
         train(cfg)
     finally:
         if ddp:

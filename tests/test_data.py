@@ -107,12 +107,17 @@ def test_byte_level_round_trip_and_save(tmp_path):
     tok = Tokenizer.byte_level()
     text = "héllo wörld 😀 \n\t 123 <|bos|>"
     assert tok.encode(text) == list(text.encode()) and tok.decode(tok.encode(text)) == text
-    assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.stop_ids) == (258, 256, 257, [257])
-    assert tok.chat is None and not tok.instruct
+    assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.stop_ids) == (260, 256, 259, [257, 259])
+    assert tok.chat == "chatml" and tok.instruct
     tok.save(tmp_path)
     back = Tokenizer.from_pretrained(tmp_path)
     ref = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    assert (back.n_vocab, back.bos_id, back.eos_id, back.stop_ids) == (258, 256, 257, [257])
+    assert (back.n_vocab, back.bos_id, back.eos_id, back.stop_ids, back.chat, back.instruct) == (
+        260, 256, 259, [257, 259], "chatml", True)
+    # the chat prompt equals transformers' rendering of the chat template that save() wrote
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(tmp_path)
+    rendered = hf.apply_chat_template([{"role": "user", "content": "Sort: b, a"}], tokenize=False, add_generation_prompt=True)
+    assert back.decode(prompt_ids(back, "Sort: b, a", chat=True)) == "<|bos|>" + rendered
     for text in CORPUS[:-1]:
         assert back.encode(text) == ref.encode(text, add_special_tokens=False).ids == list(text.encode())
     assert ref.encode("a").ids == [256, 97] and ref.decode([104, 105]) == "hi"

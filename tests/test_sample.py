@@ -16,7 +16,7 @@ PROMPT = "Name a colour."
 def tiny(tmp_path_factory):
     """A random byte-level model saved as train.py would: weights, config and tokenizer files in one directory."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96)).eval()
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=260)).eval()
     tok = Tokenizer.byte_level()
     with torch.no_grad():  # a sharper distribution than the init's, so that greedy decoding is not a near-tie
         model.lm_head.weight.mul_(20)
@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
 
 
 def reference(model, tok, n, **kw):
-    x = torch.tensor([prompt_ids(tok, PROMPT)])  # PLAIN: the byte-level tokenizer has no chat template
+    x = torch.tensor([prompt_ids(tok, PROMPT, chat=True)])  # chat='auto': the byte-level tokenizer ships ChatML
     out = model.generate(x, n, stop_ids=tok.stop_ids, **kw)[0, x.shape[1]:].tolist()
     return tok.decode(t for t in out if t not in tok.stop_ids)
 
@@ -99,7 +99,6 @@ def test_stream_holds_back_split_characters(monkeypatch):
     (["--dtype=float8"], "'dtype'"),
     (["--ckpt=/nonexistent/ckpt"], "ckpt /nonexistent/ckpt: no such directory"),
     (["--prompt=FILE:/nonexistent/p.txt"], "prompt file /nonexistent/p.txt"),
-    (["--chat=yes"], "no chat format"),
     (["--max_new_tokens=0"], "no room to generate"),
 ])
 def test_bad_input_is_one_line(tiny, capsys, argv, message):
