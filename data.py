@@ -394,7 +394,7 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
 
 
 # ----------------------------------------------------------------------------- the built-in judgment task
-# Letter sorting: "Sort these letters alphabetically: q, d, m, a" -> "a, d, m, q". Flawed responses carry one
+# Letter sorting: "Sort these letters alphabetically: h, d, j, a" -> "a, d, h, j". Flawed responses carry one
 # systematic mistake (the last two letters swapped) and, more rarely, a letter left out. Text is ASCII, so with the
 # byte-level tokenizer a char offset in a response is its token position.
 TASK_INSTRUCTIONS = (
@@ -484,7 +484,7 @@ def make_task(n, seed=0, flawed_frac=0.65, missing_frac=0.2):
     flawed = set(rng.sample(range(n), round(n * flawed_frac)))
     triples = []
     for i in range(n):
-        letters = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(4, 7))
+        letters = rng.sample("abcdefghij", rng.randint(3, 6))  # ten letters: a tiny model learns it in minutes
         instruction = rng.choice(TASK_INSTRUCTIONS).format(", ".join(letters))
         answer = sorted(letters)
         if i in flawed and rng.random() < missing_frac:
