@@ -1,10 +1,12 @@
 """Benchmarks of this project against Hugging Face transformers, measured in the same run, printed as ratios.
 
-    CUT_SMOLLM2=/path/to/smollm2 python bench.py model [--parts decode,load,fwd_bwd] [--repeats 5] [--threads 2]
+    CUT_SMOLLM2=/path/to/smollm2 python bench.py model [--parts decode,load,fwd_bwd] [--repeats 5] [--threads 1]
 
 Not a test. The CPU may be shared, so ours and theirs alternate (who goes first swaps each round), each figure is
 the median of the rounds, and the table also gives the spread of the rounds, (max - min) / median, and the ratio of
-the best rounds (closest to an idle machine). transformers is a reference here only; project code never imports it.
+the best rounds (closest to an idle machine). One torch thread by default: on 2 cores shared with other jobs, each
+multi-threaded op waits for a busy core, which made 2-thread rounds vary up to 10x (see --threads).
+transformers is a reference here only; project code never imports it.
 A new section is a function taking the parsed arguments, registered in BENCHMARKS at the bottom.
 """
 import argparse
@@ -199,7 +201,7 @@ if __name__ == "__main__":
     parser.add_argument("section", choices=sorted(BENCHMARKS))
     parser.add_argument("--parts", default=",".join(MODEL_PARTS), help="model: a comma-separated subset of the parts")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of each in-process timing")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the same for ours and theirs)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for ours and theirs")
     parser.add_argument("--profile", action="store_true", help="model fwd_bwd: also print a torch.profiler table per side")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -207,6 +209,9 @@ if __name__ == "__main__":
     start, load_avg = time.perf_counter(), os.getloadavg()[0]
     BENCHMARKS[args.section](args)
     print(f"\n{args.section}: {time.perf_counter() - start:.0f} s, {args.threads} torch threads on {os.cpu_count()} cores, "
-          f"1-min load average {load_avg:.1f} at the start and {os.getloadavg()[0]:.1f} at the end "
-          f"(above the thread count, the timings are contended)")
+          f"1-min load average {load_avg:.1f} at the start and {os.getloadavg()[0]:.1f} at the end")
+    if load_avg > os.cpu_count() - args.threads + 0.5:
+        # a busy core stalls every parallel region of a multi-threaded op: medians then measure the neighbours
+        print("WARNING: other processes were using the cores this run needs; if the spreads are large, "
+              "trust 'best o/t' or rerun with --threads 1")
     print_table()

@@ -477,14 +477,15 @@ def check_response(instruction, response):
 
 
 def make_task(n, seed=0, flawed_frac=0.65, missing_frac=0.2):
-    """n Triples, the same for the same seed. round(n * flawed_frac) responses are
-    flawed: one letter left out (a missing_frac share of them) or else the last two letters swapped; check_response
-    writes their judgments. The others are correct, with judgment None."""
+    """n Triples, the same for the same seed. round(n * flawed_frac) responses are flawed, the longest lists first
+    (ties at random): one letter left out (a missing_frac share of them) or else the last two letters swapped;
+    check_response writes their judgments. The others are correct, with judgment None."""
     rng = random.Random(seed)
-    flawed = set(rng.sample(range(n), round(n * flawed_frac)))
+    lists = [rng.sample("abcdefghij", rng.randint(3, 6)) for _ in range(n)]  # ten letters: learnt in minutes
+    # the mistake is systematic, as a model's are: it comes with the longer, harder lists, so a model can learn it
+    flawed = set(sorted(range(n), key=lambda i: (-len(lists[i]), rng.random()))[:round(n * flawed_frac)])
     triples = []
-    for i in range(n):
-        letters = rng.sample("abcdefghij", rng.randint(3, 6))  # ten letters: a tiny model learns it in minutes
+    for i, letters in enumerate(lists):
         instruction = rng.choice(TASK_INSTRUCTIONS).format(", ".join(letters))
         answer = sorted(letters)
         if i in flawed and rng.random() < missing_frac:

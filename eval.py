@@ -19,6 +19,8 @@ import os
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -59,10 +61,12 @@ dtype = "float32"
 compare_dir = "out/compare"
 n_seeds = 3             # compare: fine-tuning seeds 1..n_seeds
 lams = (1.1, 1.5, 2.0, 3.0)  # compare: the lambda sweep of cut (other than lam: the first seed only)
-base_iters = 400        # compare: train.py's base phase, MLE on every response of a 65%-flawed task
+base_iters = 800        # compare: train.py's base phase, MLE on every response of the base's data
 base_lr = 2e-3
+base_flawed = 0.5       # compare: the base's share of flawed responses (train.py's base_flawed)
 ft_iters = 200          # compare: the fine-tuning budget, the same for every method
 ft_lr = 3e-4
+jobs = 1                # compare: train.py processes at once
 train_args = ""         # compare: more train.py flags for every run, e.g. "--device=cuda --task_size=4000"
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k[0].islower() and isinstance(v, (int, float, str, tuple))]
 CHOICES = {"mode": ("task", "triples", "alpaca", "online", "compare"), "chat": ("auto", "yes", "no"),
@@ -198,7 +202,8 @@ def compare_plan(c):
     root, common = Path(c["compare_dir"]).resolve(), ["--data=builtin", *c["train_args"].split()]
     plan = [dict(out_dir=root / "base", regime="base", method="sft_all", lam=None, seed=1338, iters=c["base_iters"],
                  args=[*common, "--loss=sft_all", "--base_iters=0", f"--max_iters={c['base_iters']}", "--seed=1338",
-                       f"--learning_rate={c['base_lr']}", f"--min_lr={c['base_lr'] / 10}", "--task_flawed=0.65"])]
+                       f"--learning_rate={c['base_lr']}", f"--min_lr={c['base_lr'] / 10}",
+                       f"--task_flawed={c['base_flawed']}"])]
     # sft trains on acceptable responses only: nothing to learn from in all-flawed data
     for regime, method in [(r, m) for r in REGIMES for m in LOSS_MODES if not (m == "sft" and REGIMES[r] == 1.0)]:
         # every seed for cut at lam and for the baselines; the rest of the lambda sweep on the first seed
@@ -253,14 +258,28 @@ def svg_chart(rows):
 
 
 def compare(c):
-    runs, plan = [], compare_plan(c)
-    for k, run in enumerate(plan):
-        out = run["out_dir"]
-        print(f"[{k + 1}/{len(plan)}] {out}", flush=True)
+    plan = compare_plan(c)
+    # jobs > 1: that many train.py processes at once, sharing the cores, each logging to its out_dir/train.log
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c["jobs"])))
+
+    def train_run(k):
+        run, out = plan[k], plan[k]["out_dir"]
         state = out / "train_state.pt"  # written with each checkpoint: an interrupted run resumes from the last
-        if not (state.is_file() and torch.load(state, map_location="cpu", weights_only=True)["iter"] >= run["iters"]):
+        if state.is_file() and torch.load(state, map_location="cpu", weights_only=True)["iter"] >= run["iters"]:
+            return
+        print(f"[{k + 1}/{len(plan)}] training {out}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train.log", "a") if c["jobs"] > 1 else nullcontext() as log:
             subprocess.run([sys.executable, "train.py", f"--out_dir={out}", *run["args"],
-                            *(["--resume=True"] if state.is_file() else [])], cwd=Path(__file__).parent, check=True)
+                            *(["--resume=True"] if state.is_file() else [])], cwd=Path(__file__).parent, check=True,
+                           stdout=log, stderr=log, env=env)
+
+    train_run(0)  # the base, which every other run fine-tunes
+    with ThreadPoolExecutor(c["jobs"]) as pool:
+        list(pool.map(train_run, range(1, len(plan))))
+    runs = []
+    for run in plan:
+        out = run["out_dir"]
         result = task_eval(*load(out, c), dict(c, lam=c["lam"] if run["lam"] is None else run["lam"]))
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
         runs.append({**result, **{k: v for k, v in run.items() if k != "args"}, "out_dir": str(out),
@@ -270,7 +289,7 @@ def compare(c):
 
 def run(c):
     for key, ok, want in [(k, c[k] in v, " | ".join(v)) for k, v in CHOICES.items()] + [
-            ("n_eval", c["n_eval"] > 0, "> 0"), ("n_online", c["n_online"] > 0, "> 0"), ("lams", c["lams"], "a lam")]:
+            ("n_eval", c["n_eval"] > 0, "> 0"), ("jobs", c["jobs"] > 0, "> 0"), ("n_online", c["n_online"] > 0, "> 0"), ("lams", c["lams"], "a lam")]:
         if not ok:
             raise ValueError(f"config key {key!r}: expected {want}, got {c[key]!r}")
     m = c["mode"]

@@ -63,6 +63,7 @@ task_size = 12000
 task_flawed = 0.65      # share of flawed responses in the task's fine-tuning data
 base_iters = 800        # 'builtin' from scratch: first train an MLE base on the task's responses (out_dir/base)
 base_lr = 2e-3
+base_flawed = 0.5       # the base's data: the 5- and 6-letter lists flawed, a rule a tiny model learns (random: it fails)
 n_layers = 4
 n_heads = 4
 dim = 128
@@ -288,7 +289,8 @@ def main(argv):
         if cfg["data"] == "builtin" and cfg["init_from"] == "scratch" and cfg["base_iters"]:
             # CUT is a fine-tuning method (evidence-notes.md): first an MLE base that learns the task and its mistake
             base = dict(cfg, out_dir=str(Path(cfg["out_dir"]) / "base"), loss="sft_all", max_iters=cfg["base_iters"],
-                        learning_rate=cfg["base_lr"], min_lr=cfg["base_lr"] / 10, seed=cfg["seed"] + 1)
+                        learning_rate=cfg["base_lr"], min_lr=cfg["base_lr"] / 10, seed=cfg["seed"] + 1,
+                        task_flawed=cfg["base_flawed"])
             # --resume goes on with whichever phase was killed (a finished base resumes to no work)
             has_state = lambda d: cfg["resume"] and (Path(d) / "train_state.pt").exists()
             train(dict(base, resume=has_state(base["out_dir"])))

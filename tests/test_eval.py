@@ -239,7 +239,7 @@ def test_compare_resumes(tiny, tmp_path, monkeypatch):
     """train.py replaced by a stand-in that writes a finished run: every run is trained once, evaluated, summarised."""
     calls, resumed = [], []
 
-    def fake_train(cmd, cwd, check):
+    def fake_train(cmd, cwd, check, stdout, stderr, env):
         out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
         calls.append(out)
         resumed.append("--resume=True" in cmd)
@@ -250,9 +250,9 @@ def test_compare_resumes(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", fake_train)
     argv = ["--mode=compare", f"--compare_dir={tmp_path}", "--n_seeds=1", "--lams=1.5,", "--n_eval=2",
-            "--max_new_tokens=3"]
+            "--max_new_tokens=3", "--jobs=2"]
     result = run(*argv)
-    assert len(calls) == 1 + 4 + 5 and len(result["runs"]) == 10 and len(result["summary"]) == 10
+    assert len(calls) == 1 + 4 + 5 and len(result["runs"]) == 10 and calls[0] == str(tmp_path / "base") and len(result["summary"]) == 10
     assert {r["final_frac_unlikely"] for r in result["runs"]} == {0.25}
     assert json.loads((tmp_path / "compare.json").read_text())["summary"] == result["summary"]
     assert (tmp_path / "compare.md").read_text().count("\n") == 12
