@@ -210,3 +210,32 @@ def test_batch_loss_modes():
     assert set(LOSS_MODES) == {'cut', 'sft', 'sft_all', 'hindsight', 'forward'}
     with pytest.raises(ValueError, match="'dpo'.*cut, sft, sft_all, hindsight, forward"):
         batch_loss('dpo', logp, mask, x_rows, j_rows, torch.tensor(neg), 1.1, 1.0, 0.0)
+
+
+def test_end_to_end_cut_finds_the_planted_error_token():
+    """A tiny model trained with CUT on a handful of triples: the loss falls, and once the model reads judgments the
+    planted wrong token of a flawed response is in U while the tokens the judgment does not explain are not."""
+    from data import Tokenizer, Triple, collate, encode_triples
+    from model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.byte_level()
+    words = ["apple", "grape", "lemon", "mango", "peach", "melon", "olive", "guava"]
+    triples = [Triple(f"Spell the fruit {w}.", w, None) for w in words]
+    triples += [Triple(f"Spell the fruit {w}.", w[:2] + "z" + w[3:], "The third letter is wrong.") for w in words]
+    batch = collate(encode_triples(tok, triples, "cut", 64, chat=True, verbose=False), tok.eos_id)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=192, vocab_size=tok.n_vocab))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        logp, mask = response_logprobs(model(batch.idx), batch.targets)
+        loss, stats = batch_loss('cut', logp, mask, batch.x_rows, batch.j_rows, batch.is_neg, 1.1, 1.0, 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    U = stats['U'][batch.is_neg]  # flawed rows: tokens of "apz..." and the EOS
+    assert U[:, 2].all()  # the planted 'z', explained by the judgment, in every flawed response
+    assert not U[:, :2].any()  # the letters before it, which the judgment does not explain, stay out
+    assert stats['frac_unlikely'] < 0.3  # and U holds few tokens besides it (5 letters and EOS a response)
