@@ -55,7 +55,8 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(cfg):
     """Inverse frequencies (head_dim/2,) in fp32, with Llama 3.1's "llama3" long-context scaling if configured."""
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
+    # on the CPU even while the model is built on the meta device: a meta tensor would have to be recomputed anyway
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim)
     s = cfg.rope_scaling
     if not s:
         return inv_freq
@@ -69,9 +70,9 @@ def rope_frequencies(cfg):
 
 
 def apply_rope(x, cos, sin):
-    # Hugging Face's "rotate half" layout (first half / second half of each head), computed in fp32
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    # Hugging Face's "rotate half" layout (first half / second half of each head); the fp32 tables promote the products
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -134,7 +135,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim),
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)),
             layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
             norm=RMSNorm(cfg.dim, cfg.norm_eps),
         ))
@@ -142,6 +143,8 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        if self.lm_head.weight.is_meta:  # built to be loaded: random init on meta costs time and memory (torch._dynamo)
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -158,7 +161,7 @@ class Transformer(nn.Module):
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
         pos = torch.arange(start_pos, start_pos + T, device=idx.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq)  # (T, head_dim/2) in fp32, whatever the model's dtype
+        freqs = torch.outer(pos, self.inv_freq).repeat(1, 2)  # (T, head_dim) in fp32, whatever the model's dtype
         cos, sin = freqs.cos(), freqs.sin()
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
@@ -297,7 +300,7 @@ def read_safetensors(file):
 
         def load(dtype, device, begin=begin, end=end, src_dtype=src_dtype, shape=shape):
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin)
-            t = raw.clone().view(src_dtype).reshape(shape).to(device=device, dtype=dtype)
+            t = raw.view(src_dtype).reshape(shape).to(device=device, dtype=dtype, copy=True)
             start = begin - begin % mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
             return t
