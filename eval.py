@@ -106,7 +106,7 @@ def score(model, tok, chat, triples, c, lam):
     for k in tqdm(range(0, len(kept), c["batch_size"]), desc="score", dynamic_ncols=True):
         rows = kept[k:k + c["batch_size"]]
         b = collate([enc[i][0] for i in rows], tok.eos_id).to(c["device"])
-        logp, mask = response_logprobs(model(b.idx), b.targets)
+        logp, mask = response_logprobs(model(b.idx, keep=b.targets != -100), b.targets)
         _, stats = cut_loss(logp[b.x_rows], logp[b.j_rows], b.is_neg, mask[b.x_rows], lam)
         for i, lp, m, u in zip(rows, logp[b.x_rows].cpu(), mask[b.x_rows].cpu(), stats["U"].cpu()):
             out[i] = (lp[:int(m.sum())], u[:int(m.sum())])

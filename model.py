@@ -155,8 +155,10 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, idx, start_pos=0):
-        """idx (B, T) token ids -> logits (B, T, vocab). start_pos: position of idx[:, 0] (KV-cache decoding)."""
+    def forward(self, idx, start_pos=0, keep=None):
+        """idx (B, T) token ids -> logits (B, T, vocab). start_pos: position of idx[:, 0] (KV-cache decoding).
+        keep (B, T) bool: logits only where a loss needs them, (n, vocab) in row-major order; training skips the
+        lm_head and its (B, T, vocab) output for prompt and padding tokens."""
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -166,7 +168,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start_pos)
-        return self.lm_head(self.model.norm(x))
+        return self.lm_head(self.model.norm(x if keep is None else x[keep]))
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=None, on_token=None):

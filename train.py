@@ -105,8 +105,8 @@ def forward_loss(model, encoded, cfg, pad_id, dev, autocast):
     with autocast:
         if batch.pos_idx is not None:  # an explicit j+ costs a pass of its own, without gradient
             with torch.no_grad():
-                logp_pos = response_logprobs(model(batch.pos_idx), batch.pos_targets)[0]
-        logp, mask = response_logprobs(model(batch.idx), batch.targets)
+                logp_pos = response_logprobs(model(batch.pos_idx, keep=batch.pos_targets != -100), batch.pos_targets)[0]
+        logp, mask = response_logprobs(model(batch.idx, keep=batch.targets != -100), batch.targets)
         loss, stats = batch_loss(cfg["loss"], logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
                                  cfg["lam"], cfg["alpha"], cfg["gamma"], logp_pos)
     return loss, stats, int((batch.idx != pad_id).sum())

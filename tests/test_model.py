@@ -232,3 +232,11 @@ def test_shape_mismatch_and_missing_tensor(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
     with pytest.raises(ValueError, match=r"missing tensor\(s\) model\.layers\.2\."):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_logits_kept_only_where_asked():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    x = ids(T=9, B=3, vocab=50)
+    keep = torch.rand(3, 9, generator=torch.Generator().manual_seed(2)) > 0.5
+    assert torch.allclose(m(x, keep=keep), m(x)[keep], atol=1e-6)
