@@ -192,9 +192,77 @@ def bench_model(args):
         MODEL_PARTS[part](path, args)
 
 
+# ----------------------------------------------------------------------------- train: a CUT step's cost, tokens/s
+
+def train_step(model, batch, mode, opt, keep=True):
+    """One training step of `mode` on a collated batch: forward, loss, backward, AdamW; returns seconds."""
+    from cut_loss import batch_loss, response_logprobs
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = batch.targets != -100
+        logits = model(batch.idx, keep=kept) if keep else model(batch.idx, use_cache=False).logits
+        logp, mask = response_logprobs(logits, batch.targets)
+        loss, _ = batch_loss(mode, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg, 1.1, 1.0, 0.0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t
+
+
+def bench_cut_vs_sft(args):
+    """A CUT step against an SFT step (sft_all: x -> y only) on the same flawed triples, per token processed."""
+    from data import Tokenizer, collate, encode_triples, make_task
+    from model import ModelConfig, Transformer
+    tok, triples = Tokenizer.byte_level(), make_task(64, seed=0, flawed_frac=1.0)
+    model = Transformer(ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=tok.n_vocab, hidden_dim=384))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = {m: [collate(encode_triples(tok, triples[i:i + 16], m, 512, chat=True, verbose=False), tok.eos_id)
+                   for i in range(0, 64, 16)] for m in ("cut", "sft_all")}
+    real = {m: sum(int((b.idx != tok.eos_id).sum()) for b in bs) for m, bs in batches.items()}  # the pad is eos_id
+    padded = {m: sum(b.idx.numel() for b in bs) for m, bs in batches.items()}
+    step = lambda m: lambda: sum(train_step(model, b, m, opt) for b in batches[m])
+    alternate(step("cut"), step("sft_all"), 1)  # warm-up
+    a, b = alternate(step("cut"), step("sft_all"), args.repeats)
+    per_token = [x / y for x, y in zip(a, b)]
+    tokens = (real["cut"] / real["sft_all"])
+    print(f"cut vs sft: 4 batches of 16 all-flawed built-in triples; tokens cut/sft {tokens:.2f} "
+          f"(padded to each batch's longest row: {padded['cut'] / padded['sft_all']:.2f})")
+    report("cut/sft step time / tokens", [p / tokens for p in per_token], [1.0] * len(per_token), "x",
+           ("<= 1.10", lambda o, r: o <= 1.10), higher_is_better=False)
+
+
+def bench_train_tokens(args, batch_size=4, max_len=256):
+    """Training tokens/s on SmolLM2 and real triples, bf16 autocast: ours (logits only at the response) vs transformers."""
+    from transformers import LlamaForCausalLM
+    from data import Tokenizer, collate, encode_triples, load_triples
+    path = checkpoint_dir()
+    data = HERE.parent / "shared/data/cut-online-iter1.json"
+    if not data.is_file():
+        sys.exit(f"bench.py: {data} is absent")
+    tok = Tokenizer.from_pretrained(path)
+    enc = encode_triples(tok, load_triples(data, verbose=False)[:64], "sft_all", max_len, chat=True, verbose=False)
+    batches = [collate(enc[i:i + batch_size], tok.eos_id) for i in range(0, 8 * batch_size, batch_size)]
+    tokens = sum(int((b.idx != tok.eos_id).sum()) for b in batches)
+    ours_model, hf = load_both(path, torch.float32)
+    ours_model.train(), hf.train()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-6) for m in (ours_model, hf)]
+    ours = lambda: tokens / sum(train_step(ours_model, b, "sft_all", opts[0]) for b in batches)
+    theirs = lambda: tokens / sum(train_step(hf, b, "sft_all", opts[1], keep=False) for b in batches)
+    print(f"train tokens/s: SmolLM2 full fine-tune step, fp32 weights, bf16 autocast, 8 batches of {batch_size} real "
+          f"triples (x -> y, at most {max_len} tokens), the same loss code on both sides")
+    alternate(ours, theirs, 1)
+    a, b = alternate(ours, theirs, args.repeats)
+    report("train tok/s SmolLM2", a, b, "tok/s", (">= 1.1x", lambda o, r: r >= 1.1))
+
+
+def bench_train(args):
+    bench_cut_vs_sft(args)
+    bench_train_tokens(args)
+
+
 # ----------------------------------------------------------------------------- sections: add new ones here
 
-BENCHMARKS = {"model": bench_model}
+BENCHMARKS = {"model": bench_model, "train": bench_train}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
