@@ -1,4 +1,5 @@
 """data.py against independent references: tokenizers / transformers, known token ids, hand-written strings."""
+import dataclasses
 import json
 import random
 import re
@@ -171,8 +172,8 @@ def test_chat_prompt_llama3(llama3):
     ids = prompt_ids(llama3, "\nWhat is 2+2?", "Wrong.", chat=True)  # the user text joins the "\n\n" before it
     assert ids == llama3.enc.encode(text, allowed_special="all") and llama3.decode(ids) == text
     assert ids[:2] == [128000, 128006] and ids[-4:] == [128006, 78191, 128007, 271]
-    with pytest.raises(ValueError, match="no chat format"):
-        prompt_ids(Tokenizer.byte_level(), "x", chat=True)
+    with pytest.raises(ValueError, match="no chat format"):  # a vocabulary without a chat format's tokens
+        prompt_ids(dataclasses.replace(Tokenizer.byte_level(), chat=None), "x", chat=True)
 
 
 def test_unsupported_tokenizers_fail_clearly(tmp_path):
