@@ -190,6 +190,13 @@ class Tokenizer:
             Path(directory, name).write_bytes(data)
 
 
+def use_chat(tok, chat):
+    """The programs' `chat` setting as a bool: 'auto' (when the checkpoint ships a chat template), 'yes' or 'no'."""
+    if chat not in ("auto", "yes", "no"):
+        raise ValueError(f"config key 'chat': expected 'auto', 'yes' or 'no', got {chat!r}")
+    return tok.instruct if chat == "auto" else chat == "yes"
+
+
 def prompt_ids(tok, instruction, judgment=None, chat=False):
     """[BOS] + PLAIN (judgment None) or JUDGED. chat=True: one user turn of the model's chat format instead, holding
     the instruction, then "\\n\\n### Judgment:\\n" + the judgment if one is given, then the assistant's header."""

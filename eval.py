@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from cut_loss import LOSS_MODES, cut_loss, response_logprobs
 from data import (Tokenizer, check_response, collate, configure, encode_triples, load_triples, make_task, prompt_ids,
-                  split_triples)
+                  split_triples, use_chat)
 from model import Transformer
 
 # ----------------------------------------------------------------------------- config (--key=value overrides)
@@ -69,8 +69,7 @@ ft_lr = 3e-4
 jobs = 1                # compare: train.py processes at once
 train_args = ""         # compare: more train.py flags for every run, e.g. "--device=cuda --task_size=4000"
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k[0].islower() and isinstance(v, (int, float, str, tuple))]
-CHOICES = {"mode": ("task", "triples", "alpaca", "online", "compare"), "chat": ("auto", "yes", "no"),
-           "dtype": ("float32", "bfloat16", "float16")}
+CHOICES = {"mode": ("task", "triples", "alpaca", "online", "compare"), "dtype": ("float32", "bfloat16", "float16")}
 REGIMES = {"all_flawed": 1.0, "mixed": 0.65}
 
 
@@ -81,7 +80,7 @@ def load(path, c):
         raise FileNotFoundError(f"ckpt {path}: no such directory")
     tok = Tokenizer.from_pretrained(path)
     model = Transformer.from_pretrained(path, dtype=getattr(torch, c["dtype"]), device=c["device"]).eval()
-    return model, tok, {"auto": tok.instruct, "yes": True, "no": False}[c["chat"]]
+    return model, tok, use_chat(tok, c["chat"])
 
 
 def generate_responses(model, tok, chat, instructions, c, temperature, max_new):

@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from data import Tokenizer, configure, prompt_ids
+from data import Tokenizer, configure, prompt_ids, use_chat
 from model import Transformer
 
 # defaults; a JSON config file and --key=value flags override them (nanoGPT style)
@@ -69,14 +69,12 @@ def stream(model, tok, x, c):
 
 
 def run(c):
-    if c["chat"] not in ("auto", "yes", "no"):
-        raise ValueError(f"config key 'chat': expected 'auto', 'yes' or 'no', got {c['chat']!r}")
     if c["dtype"] not in DTYPES:
         raise ValueError(f"config key 'dtype': expected one of {', '.join(DTYPES)}, got {c['dtype']!r}")
     if not Path(c["ckpt"]).is_dir():
         raise FileNotFoundError(f"ckpt {c['ckpt']}: no such directory")
     tok = Tokenizer.from_pretrained(c["ckpt"])
-    chat = tok.instruct if c["chat"] == "auto" else c["chat"] == "yes"
+    chat = use_chat(tok, c["chat"])
     ids = prompt_ids(tok, read_prompt(c["prompt"]), chat=chat)
     model = Transformer.from_pretrained(c["ckpt"], dtype=DTYPES[c["dtype"]], device=c["device"]).eval()
     if c["max_new_tokens"] < 1 or len(ids) >= model.cfg.max_seq_len:

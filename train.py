@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cut_loss import LOSS_MODES, batch_loss, response_logprobs
-from data import Tokenizer, collate, configure, encode_triples, load_triples, make_task, split_triples
+from data import Tokenizer, collate, configure, encode_triples, load_triples, make_task, split_triples, use_chat
 from model import ModelConfig, Transformer, add_lora
 
 # ----------------------------------------------------------------------------- config (--key=value overrides)
@@ -176,7 +176,7 @@ def train(cfg):
         dist.barrier()
     scratch = cfg["init_from"] == "scratch"
     tok = Tokenizer.byte_level() if scratch else Tokenizer.from_pretrained(cfg["init_from"])
-    chat = {"auto": tok.instruct, "yes": True, "no": False}[cfg["chat"]]
+    chat = use_chat(tok, cfg["chat"])
     train_e, val_e = load_data(cfg, tok, chat, master)
 
     # the model: from scratch, or a checkpoint; LoRA adapters on a frozen base in the training dtype

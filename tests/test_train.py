@@ -274,6 +274,7 @@ def test_missing_data_file_exits_with_one_message(tmp_path):
     (["--device=tpu"], ValueError, "unknown device 'tpu'"),
     (["--dtype=float8"], ValueError, "unknown dtype 'float8'"),
     (["--loss=dpo"], ValueError, "unknown loss 'dpo'"),
+    (["--chat=maybe"], ValueError, "config key 'chat': expected 'auto', 'yes' or 'no', got 'maybe'"),
     (["--max_iter=3"], ValueError, "unknown config key 'max_iter'.*known keys: .*max_iters"),
     (["--max_iters=3.5"], ValueError, "config key 'max_iters'.*expected int, got 3.5"),
     (["--compile=1"], ValueError, "config key 'compile'.*expected bool"),
