@@ -69,7 +69,8 @@ ft_lr = 3e-4
 jobs = 1                # compare: train.py processes at once
 train_args = ""         # compare: more train.py flags for every run, e.g. "--device=cuda --task_size=4000"
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k[0].islower() and isinstance(v, (int, float, str, tuple))]
-CHOICES = {"mode": ("task", "triples", "alpaca", "online", "compare"), "dtype": ("float32", "bfloat16", "float16")}
+CHOICES = {"mode": ("task", "triples", "alpaca", "online", "compare"), "chat": ("auto", "yes", "no"),
+           "dtype": ("float32", "bfloat16", "float16")}  # checked before any checkpoint is read
 REGIMES = {"all_flawed": 1.0, "mixed": 0.65}
 
 
