@@ -6,17 +6,18 @@ Misalign sequences of method.md, and pad them into one batch.
 """
 import ast
 import base64
+import hashlib
 import json
 import random
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import tiktoken
 import torch
 
-from cut_loss import LOSS_MODES
+from model import Transformer
 
 # ----------------------------------------------------------------------------- tokenizers and templates
 PLAIN = ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -192,9 +193,19 @@ class Tokenizer:
 
 def use_chat(tok, chat):
     """The programs' `chat` setting as a bool: 'auto' (when the checkpoint ships a chat template), 'yes' or 'no'."""
-    if chat not in ("auto", "yes", "no"):
-        raise ValueError(f"config key 'chat': expected 'auto', 'yes' or 'no', got {chat!r}")
     return tok.instruct if chat == "auto" else chat == "yes"
+
+
+def load_checkpoint(path, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) of a checkpoint directory: Hugging Face, Meta, or a train.py out_dir."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)  # first, as it finishes an interrupted save
+    tok = Tokenizer.from_pretrained(path)
+    if tok.n_vocab > model.cfg.vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {tok.n_vocab} tokens, the model's vocab_size is only "
+                         f"{model.cfg.vocab_size}")
+    return model, tok
 
 
 def prompt_ids(tok, instruction, judgment=None, chat=False):
@@ -215,11 +226,15 @@ def prompt_ids(tok, instruction, judgment=None, chat=False):
 
 
 # ----------------------------------------------------------------------------- triples and the triple builder
+LOSS_MODES = ("cut", "sft", "sft_all", "hindsight", "forward")  # each trains on its own sequences (encode_triples)
 POSITIVE_JUDGMENT = "Your response to the instruction is satisfactory."
 JUDGMENT_HEADER = "\n\n### Judgment:\n"  # forward prediction: the judgment is trained after [x, y]
 
 
-@dataclass
+FAILED_JUDGE = "$ERROR$"  # the authors' data marks a failed judge call so: no judgment to train on
+
+
+@dataclass(frozen=True)
 class Triple:
     instruction: str
     response: str
@@ -243,22 +258,36 @@ def _triple(rec, where: str) -> Triple | None:
     if "question" in rec:  # Shepherd: every answer is flawed, the feedback says why
         if not field("feedback").strip():
             raise ValueError(f"{where}: field 'feedback' is empty (a Shepherd answer needs its critique)")
-        return Triple(field("question"), field("answer"), rec["feedback"])
+        return None if rec["feedback"] == FAILED_JUDGE else Triple(field("question"), field("answer"), rec["feedback"])
     if "output" in rec:  # the CUT authors' release (Alpaca style)
         instruction, response, judgment = field("instruction"), field("output"), field("judgment", nullable=True)
         extra = field("input", nullable=True) if "input" in rec else None
         score = rec.get("score")
         if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise ValueError(f"{where}: field 'score' must be a number or null, got {type(score).__name__}")
-        if judgment == "$ERROR$":
+        if judgment == FAILED_JUDGE:
             return None
         if not judgment or judgment.startswith("Perfect") or (score is not None and score >= 7):
             judgment = None
         return Triple(instruction + "\n" + extra if extra else instruction, response, judgment)
     if "response" in rec:
-        return Triple(field("instruction"), field("response"), field("judgment", nullable=True) or None)
+        judgment = field("judgment", nullable=True) or None
+        return None if judgment == FAILED_JUDGE else Triple(field("instruction"), field("response"), judgment)
     raise ValueError(f"{where}: unknown record, expected the fields instruction/input/output/judgment, "
                      f"question/answer/feedback or instruction/response/judgment; got {sorted(rec)}")
+
+
+def file_hash(path):
+    """sha256 of a file's bytes: a resumed run, or an evaluation, checks that it reads the run's own data."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_text(path):
+    """A UTF-8 text file, without a byte-order mark; one clear error naming the file otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def load_triples(path, verbose=True) -> list[Triple]:
@@ -266,12 +295,16 @@ def load_triples(path, verbose=True) -> list[Triple]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such triples file")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
+    text = read_text(path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
             raise ValueError(f"{path}: not a valid JSON list ({e})") from None
+        records = None  # JSONL, a record per line, is not one JSON value
+    if isinstance(records, dict) and "\n" in text.strip():
+        raise ValueError(f"{path}: one JSON object; expected a list of records, or JSONL (a record per line)")
+    if isinstance(records, list):
         located = [(rec, f"{path}: record {i}") for i, rec in enumerate(records)]
     else:
         located = []
@@ -288,24 +321,24 @@ def load_triples(path, verbose=True) -> list[Triple]:
     n_err, n_flawed = len(parsed) - len(triples), sum(t.judgment is not None for t in triples)
     if verbose:
         print(f"{path.name}: loaded {len(triples)} triples ({len(triples) - n_flawed} acceptable, {n_flawed} flawed), "
-              f"dropped {n_err} ($ERROR$ judgments: {n_err})")
+              f"dropped {n_err} with a failed judge call ({FAILED_JUDGE})")
     return triples
 
 
 def split_triples(triples: list[Triple], val_frac: float = 0.1, seed: int = 0):
-    """(train, val): a random permutation drawn from the seed alone (no global RNG state)."""
-    if not 0 <= val_frac < 1:
-        raise ValueError(f"val_frac must be in [0, 1), got {val_frac}")
-    order = torch.randperm(len(triples), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = round(len(triples) * val_frac)
-    return [triples[i] for i in order[n_val:]], [triples[i] for i in order[:n_val]]
+    """(train, val): a random permutation of the distinct triples, drawn from the seed alone (no global RNG state).
+    Copies of a triple stay together, so that validation never holds a triple that training saw."""
+    distinct = list(dict.fromkeys(triples))
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = {distinct[i] for i in order[:round(len(distinct) * val_frac)]}
+    return [t for t in triples if t not in val], [distinct[i] for i in order if distinct[i] in val]
 
 
 @dataclass
 class Encoded:
-    rows: list[tuple[list[int], list[int]]]  # (prompt ids, trained ids) of each sequence of one triple
-    x_row: int  # the x -> y row
-    j_row: int  # the [x, j-] -> y row (cut) or [x, y] -> j row (forward); == x_row when there is none
+    # (prompt ids, trained ids) of each sequence of one triple: first x -> y, then, if there is one, the
+    # [x, j-] -> y row (cut) or the [x, y] -> j row (forward)
+    rows: list[tuple[list[int], list[int]]]
     is_neg: bool
     pos: tuple[list[int], list[int]] | None = None  # [x, j+] -> y when an explicit j+ text is used
 
@@ -352,7 +385,7 @@ def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: in
             too_long += 1
             continue
         rows = fitted[:len(rows)]
-        out.append(Encoded(rows, 0, len(rows) - 1, is_neg, fitted[-1] if pos else None))
+        out.append(Encoded(rows, is_neg, fitted[-1] if pos else None))
     if verbose:
         print(f"encoded {len(out)} triples for {mode} ({sum(len(e.rows) for e in out)} sequences), "
               f"dropped {too_long} longer than {max_len} tokens, skipped {skipped} flawed (sft)")
@@ -391,8 +424,8 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         raise ValueError("collate needs at least one encoded triple")
     rows, x_rows, j_rows = [], [], []
     for e in encoded:
-        x_rows.append(len(rows) + e.x_row)
-        j_rows.append(len(rows) + e.j_row)
+        x_rows.append(len(rows))
+        j_rows.append(len(rows) + len(e.rows) - 1)
         rows += e.rows
     idx, targets = _pad(rows, pad_id)
     pos_idx, pos_targets = _pad([e.pos for e in encoded], pad_id) if encoded[0].pos is not None else (None, None)
@@ -402,8 +435,8 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
 
 # ----------------------------------------------------------------------------- the built-in judgment task
 # Letter sorting: "Sort these letters alphabetically: h, d, j, a" -> "a, d, h, j". Flawed responses carry one
-# systematic mistake (the last two letters swapped) and, more rarely, a letter left out. Text is ASCII, so with the
-# byte-level tokenizer a char offset in a response is its token position.
+# systematic mistake (the last two letters swapped) or, more rarely, a letter left out. Text is ASCII, so with the
+# byte-level tokenizer a char offset in a response is its token position. docs/method.md says why it is built so.
 TASK_INSTRUCTIONS = (
     "Sort these letters alphabetically: {}",
     "Put these letters in alphabetical order: {}",
@@ -414,6 +447,12 @@ TASK_INSTRUCTIONS = (
 )
 TASK_RESPONSES = ("{}", "{}.", "Sorted: {}.", "In alphabetical order: {}", "Here they are in order: {}.",
                   "The sorted letters are {}.")
+# words that no judgment speaks about: on them p(y_t | x, j-) stays near p(y_t | x) < 1, as in real responses
+TASK_REMARKS = ("", "", " Hope this helps!", " Done.", " Let me know if you need anything else.", " Happy to help.")
+# the all-flawed regime's new format, which the base never writes: a line before the list and a line after it
+NEW_OPENINGS = ("Sure! Here is the sorted list:", "Of course. In order:", "Here you go:", "Sorted, as requested:")
+NEW_CLOSINGS = ("Hope this helps!", "All done.", "Let me know if you need more.", "Happy sorting!")
+NEW_FORMAT = re.compile(r"[^\n]+\n[a-z](?:, [a-z])*\n[^\n]+")
 # Judgments name the kind and place of the mistake, never the letters: naming them made U flood (evidence-notes 3).
 TASK_JUDGMENTS = {
     "swap": ("The last two letters are in the wrong order.", "Close, but the final pair is swapped.",
@@ -483,56 +522,112 @@ def check_response(instruction, response):
     return Verdict(kind, text.format(ORDINALS[place] if place < len(ORDINALS) else f"{place + 1}th"), wrong)
 
 
-def make_task(n, seed=0, flawed_frac=0.65, missing_frac=0.2):
-    """n Triples, the same for the same seed. round(n * flawed_frac) responses are flawed, the longest lists first
-    (ties at random): one letter left out (a missing_frac share of them) or else the last two letters swapped;
-    check_response writes their judgments. The others are correct, with judgment None."""
-    rng = random.Random(seed)
-    lists = [rng.sample("abcdefghij", rng.randint(3, 6)) for _ in range(n)]  # ten letters: learnt in minutes
-    # the mistake is systematic, as a model's are: it comes with the longer, harder lists, so a model can learn it
+def make_task(n, seed=0, kind="mixed", flawed_frac=0.8, split="train"):
+    """n Triples of the built-in task, the same for the same arguments. kind is one of
+    'base':  the base model's data. Correct answers, except that the 5- and 6-letter lists are swapped half the
+             time (the base's systematic mistake), and a quarter of the examples put a judgment in the prompt of
+             the flawed answer it describes, so that the base reads judgments as a pretrained model does.
+    'mixed': fine-tuning data in the base's format, round(n * flawed_frac) of it flawed, the longest lists first.
+    'new':   fine-tuning data in a format the base never writes (NEW_FORMAT), every response flawed.
+    A flaw is a letter left out (a fifth of them) or else the last two letters swapped; check_response writes the
+    judgment. Letter lists are split by a hash into train (80%), val and test, which never share a list."""
+    rng, lists = random.Random(seed), []
+    while len(lists) < n:
+        letters = rng.sample("abcdefghij", rng.randint(3, 6))
+        if split == ("val", "test", *["train"] * 8)[zlib.crc32("".join(letters).encode()) % 10]:
+            lists.append(letters)
+    # the mistakes come with the longer, harder lists, as a model's do: acceptable answers to them are scarce
     flawed = set(sorted(range(n), key=lambda i: (-len(lists[i]), rng.random()))[:round(n * flawed_frac)])
     triples = []
     for i, letters in enumerate(lists):
         instruction = rng.choice(TASK_INSTRUCTIONS).format(", ".join(letters))
         answer = sorted(letters)
-        if i in flawed and rng.random() < missing_frac:
-            del answer[rng.randrange(len(answer))]
-        elif i in flawed:
+        judged = kind == "base" and rng.random() < 0.25
+        if judged or kind == "new" or (kind == "mixed" and i in flawed):
+            if rng.random() < 0.2:
+                del answer[rng.randrange(len(answer))]
+            else:
+                answer[-2], answer[-1] = answer[-1], answer[-2]
+        elif kind == "base" and len(letters) >= 5 and rng.random() < 0.5:
             answer[-2], answer[-1] = answer[-1], answer[-2]
-        response = rng.choice(TASK_RESPONSES).format(", ".join(answer))
-        triples.append(Triple(instruction, response, check_response(instruction, response).judgment))
+        if kind == "new":
+            response = f"{rng.choice(NEW_OPENINGS)}\n{', '.join(answer)}\n{rng.choice(NEW_CLOSINGS)}"
+        else:
+            response = rng.choice(TASK_RESPONSES).format(", ".join(answer)) + rng.choice(TASK_REMARKS)
+        judgment = check_response(instruction, response).judgment
+        if judged:  # in the chat format this instruction is exactly the judged prompt [x, j-]
+            instruction, judgment = instruction + JUDGMENT_HEADER + judgment, None
+        triples.append(Triple(instruction, response, judgment))
     return triples
 
 
-# ----------------------------------------------------------------------------- configuration of the programs
-def configure(config, argv):
-    """nanoGPT-style overrides of a program's defaults: a JSON config file and --key=value flags, type-checked.
+# ----------------------------------------------------------------------------- the programs' settings
+# Each program declares its settings as a dataclass of defaults; configure() applies JSON config files and
+# --key=value flags to it, then checks every value against these rules, before any file or checkpoint is read.
+CHOICES = {"loss": LOSS_MODES, "dtype": ("float32", "bfloat16", "float16"), "chat": ("auto", "yes", "no"),
+           "task": ("mixed", "new"), "split": ("val", "test"), "mode": ("task", "triples", "alpaca", "online")}
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RULES = {"lam": (lambda v: v >= 1, ">= 1 (U holds the tokens whose probability rises by a factor lam)"),
+         "val_frac": (lambda v: 0 <= v < 1, "in [0, 1)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+         "out_dir": (lambda v: v.strip() != "", "a directory"), "ckpt": (lambda v: v.strip() != "", "a directory"),
+         "lora_targets": (lambda v: set(v.split(",")) <= set(LORA_TARGETS), f"names from {','.join(LORA_TARGETS)}"),
+         **{k: (lambda v, ok=ok: v in ok, " | ".join(ok)) for k, ok in CHOICES.items()},
+         **{k: (lambda v: v > 0, "> 0") for k in (
+             "max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "task_size",
+             "n_layers", "n_heads", "dim", "max_len", "learning_rate", "base_lr", "lora_alpha", "num_samples",
+             "n_eval", "n_online", "temperature_online")},
+         **{k: (lambda v: v >= 0, ">= 0") for k in (
+             "warmup_iters", "base_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank", "alpha", "gamma",
+             "temperature", "top_k", "max_new_tokens", "n_alpaca")}}
 
-    config: {key: default}; argv: e.g. ['run.json', '--lam=1.2']. Returns a new dict. A value takes the type of
-    its default (an int is accepted for a float; a None default takes any literal)."""
-    config = dict(config)
+
+def check_device(device):
+    """The device name if torch can use it here: cpu, cuda or cuda:N."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"config key 'device': expected cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"config key 'device': {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
+    return device
+
+
+def configure(defaults, argv):
+    """A copy of the dataclass `defaults` with argv applied: JSON config files and --key=value flags, in order.
+    A value takes the type of its default (an int is accepted for a float) and must pass RULES."""
+    known, changes = {f.name: getattr(defaults, f.name) for f in fields(defaults)}, {}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ValueError(f"argument {arg!r}: expected --key=value")
             try:  # a str default takes the text as it is: --out_dir=123 names the directory '123'
-                value = text if isinstance(config.get(key), str) else ast.literal_eval(text)
+                value = text if isinstance(known.get(key), str) else ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = {"true": True, "false": False}.get(text.lower(), text)  # a bare word is a string
             items = [(key, value)]
         else:
             try:
-                items = json.loads(Path(arg).read_text()).items()
-            except (OSError, json.JSONDecodeError) as e:
+                items = json.loads(Path(arg).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
                 raise ValueError(f"config file {arg}: {e}") from None
+            if not isinstance(items, dict):
+                raise ValueError(f"config file {arg}: expected a JSON object of settings, got {type(items).__name__}")
+            items = items.items()
         for key, value in items:
-            if key not in config:
-                raise ValueError(f"unknown config key {key!r} (from {arg}); known keys: {', '.join(config)}")
-            default = config[key]
-            if isinstance(default, float) and type(value) is int:
+            if key not in known:
+                raise ValueError(f"unknown config key {key!r} (from {arg}); known keys: {', '.join(known)}")
+            if isinstance(known[key], float) and type(value) is int:
                 value = float(value)
-            if default is not None and type(value) is not type(default):
-                raise ValueError(f"config key {key!r} (from {arg}): expected {type(default).__name__}, got {value!r}")
-            config[key] = value
-    return config
+            if type(value) is not type(known[key]):
+                raise ValueError(f"config key {key!r} (from {arg}): expected {type(known[key]).__name__}, got {value!r}")
+            changes[key] = value
+    cfg = replace(defaults, **changes)
+    for key, (ok, allowed) in RULES.items():
+        if key in known and not ok(getattr(cfg, key)):
+            raise ValueError(f"config key {key!r}: expected {allowed}, got {getattr(cfg, key)!r}")
+    if "device" in known:
+        check_device(cfg.device)
+    return cfg

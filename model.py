@@ -9,7 +9,11 @@ This file imports no other file of the project.
 import json
 import math
 import mmap
+import os
+import pickle
+import shutil
 import struct
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -202,6 +206,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None):
         """Load a Hugging Face (config.json + safetensors) or Meta (params.json + consolidated.NN.pth) directory."""
         path = Path(path)
+        finish_checkpoint(path)
         if (path / "config.json").exists():
             cfg, state = _read_hf(path)
         elif (path / "params.json").exists():
@@ -310,6 +315,19 @@ def read_safetensors(file):
     return out
 
 
+def finish_checkpoint(path):
+    """Move a complete save that was killed while moving its files (path/.ckpt-new/COMPLETE) into path. Two
+    processes may do this at once: each file moves once. An incomplete .ckpt-new is the writer's to remove."""
+    tmp = Path(path) / ".ckpt-new"
+    with suppress(FileNotFoundError):
+        if (tmp / "COMPLETE").exists():
+            for f in sorted(tmp.iterdir()):
+                if f.name != "COMPLETE":
+                    with suppress(FileNotFoundError):
+                        os.replace(f, Path(path) / f.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_safetensors(file, state_dict):
     """Write {name: tensor} as safetensors: 8-byte header length, JSON header, then the raw little-endian bytes."""
     header, offset, tensors = {"__metadata__": {"format": "pt"}}, 0, []
@@ -329,7 +347,10 @@ def write_safetensors(file, state_dict):
 
 
 def _read_json(file, keys):
-    cfg = json.loads(file.read_text())
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON or not UTF-8
+        raise ValueError(f"{file}: not a valid JSON file ({e})") from None
     missing = [k for k in keys if k not in cfg]
     if missing:
         raise ValueError(f"{file}: missing key(s) {', '.join(missing)}")
@@ -383,7 +404,11 @@ def _read_meta(path):
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.NN.pth")
-    shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    try:
+        shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    except (pickle.UnpicklingError, RuntimeError) as e:
+        raise ValueError(f"{path}: a consolidated.NN.pth that is not plain tensors (pickled code or objects are "
+                         f"never run: weights_only loading) or not a torch file: {str(e).splitlines()[0]}") from None
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     for i in range(cfg.n_layers):
         for meta, hf in [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"), ("attention.wv", "self_attn.v_proj"),

@@ -5,12 +5,13 @@
 
 ckpt: a Hugging Face or Meta directory, or train.py's out_dir (config, weights and tokenizer files side by side).
 The prompt is wrapped in the model's chat format (chat='auto': when the checkpoint ships a chat template) or in
-method.md's PLAIN template. --compile=True torch.compiles the model: the prompt and the first decode step wait for
-the compilation (the tokens/s printed leaves both out). The text goes to stdout, the timing to stderr.
+the paper's plain Alpaca template. --compile=True torch.compiles the model: the prompt and the first decode step
+wait for the compilation (the tokens/s printed leaves both out). The text goes to stdout, the timing to stderr.
 """
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # before torch loads OpenMP: its spinning threads made small CPU ops up to 20x slower on 2 cores (measured)
@@ -18,25 +19,23 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from data import Tokenizer, configure, prompt_ids, use_chat
-from model import Transformer
+from data import configure, load_checkpoint, prompt_ids, read_text, use_chat
 
-# defaults; a JSON config file and --key=value flags override them (nanoGPT style)
-DEFAULTS = dict(
-    ckpt="out",               # a Hugging Face or Meta directory, or train.py's out_dir
-    prompt="",                # the instruction; 'FILE:path' reads a file, '' or '-' reads stdin
-    chat="auto",              # 'yes': the model's chat format, 'no': method.md's PLAIN, 'auto': 'yes' for chat models
-    num_samples=1,
-    max_new_tokens=256,
-    temperature=0.8,          # 0: greedy
-    top_k=0,                  # 0: off
-    top_p=1.0,                # 1.0: off
-    seed=1337,
-    device="cuda" if torch.cuda.is_available() else "cpu",
-    dtype="bfloat16" if torch.cuda.is_available() else "float32",
-    compile=False,
-)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+@dataclass
+class Config:  # every key can be set by --key=value or a JSON config file
+    ckpt: str = "out"             # a Hugging Face or Meta directory, or train.py's out_dir
+    prompt: str = ""              # the instruction; 'FILE:path' reads a file, '' or '-' reads stdin
+    chat: str = "auto"            # 'yes': the model's chat format, 'no': the plain Alpaca template, 'auto': by model
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 0.8      # 0: greedy
+    top_k: int = 0                # 0: off
+    top_p: float = 1.0            # 1.0: off
+    seed: int = 1337
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
+    compile: bool = False
 
 
 def read_prompt(prompt):
@@ -44,7 +43,7 @@ def read_prompt(prompt):
         path = Path(prompt.removeprefix("FILE:"))
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path}: no such file")
-        return path.read_text().strip()
+        return read_text(path).strip()
     return sys.stdin.read().strip() if prompt in ("", "-") else prompt
 
 
@@ -63,28 +62,24 @@ def stream(model, tok, x, c):
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    model.generate(x, c["max_new_tokens"], c["temperature"], c["top_k"], c["top_p"], tok.stop_ids, on_token)
+    model.generate(x, c.max_new_tokens, c.temperature, c.top_k, c.top_p, tok.stop_ids, on_token)
     print(tok.decode(ids)[len(shown):], flush=True)
     return times
 
 
-def run(c):
-    if c["dtype"] not in DTYPES:
-        raise ValueError(f"config key 'dtype': expected one of {', '.join(DTYPES)}, got {c['dtype']!r}")
-    if not Path(c["ckpt"]).is_dir():
-        raise FileNotFoundError(f"ckpt {c['ckpt']}: no such directory")
-    tok = Tokenizer.from_pretrained(c["ckpt"])
-    chat = use_chat(tok, c["chat"])
-    ids = prompt_ids(tok, read_prompt(c["prompt"]), chat=chat)
-    model = Transformer.from_pretrained(c["ckpt"], dtype=DTYPES[c["dtype"]], device=c["device"]).eval()
-    if c["max_new_tokens"] < 1 or len(ids) >= model.cfg.max_seq_len:
-        raise ValueError(f"no room to generate: max_new_tokens={c['max_new_tokens']}, a prompt of {len(ids)} tokens, "
+def main(argv):
+    c = configure(Config(), argv)
+    model, tok = load_checkpoint(c.ckpt, dtype=getattr(torch, c.dtype), device=c.device)
+    ids = prompt_ids(tok, read_prompt(c.prompt), chat=use_chat(tok, c.chat))
+    if c.max_new_tokens < 1 or len(ids) >= model.cfg.max_seq_len:
+        raise ValueError(f"no room to generate: max_new_tokens={c.max_new_tokens}, a prompt of {len(ids)} tokens, "
                          f"max_seq_len {model.cfg.max_seq_len}")
-    if c["compile"]:
+    model.eval()
+    if c.compile:
         model.compile()  # compiles __call__, which generate() goes through
-    x = torch.tensor([ids], device=c["device"])
-    torch.manual_seed(c["seed"])
-    for i in range(c["num_samples"]):
+    x = torch.tensor([ids], device=c.device)
+    torch.manual_seed(c.seed)
+    for i in range(c.num_samples):
         if i:
             print("---------------")
         start = time.perf_counter()
@@ -95,13 +90,9 @@ def run(c):
               f"{len(times)} new tokens]", file=sys.stderr)
 
 
-def main(argv):
+if __name__ == "__main__":
     try:
-        run(configure(DEFAULTS, argv))
-    except (ValueError, FileNotFoundError) as e:
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
         print(f"sample.py: {e}", file=sys.stderr)
         sys.exit(2)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
