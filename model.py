@@ -1,9 +1,10 @@
 """Ids to logits: a LLaMA-family decoder, its loaders and writer, sampling with a KV cache, and LoRA.
 
 One file, read top to bottom: the config, the layers (RMSNorm, rotary embeddings with Llama 3 scaling,
-grouped-query attention, SwiGLU), the Transformer with generate(), hand-written readers for Hugging Face
-(safetensors) and Meta (consolidated.NN.pth) checkpoints, a safetensors writer, and LoRA adapters.
-Module names follow Hugging Face's LlamaForCausalLM, so its state dict maps onto ours key for key.
+grouped-query attention with Mistral's sliding window and Qwen2's q/k/v biases, SwiGLU), the Transformer with
+generate(), hand-written readers for Hugging Face (safetensors) and Meta (consolidated.NN.pth) checkpoints, a
+safetensors writer, and LoRA adapters. Module names follow Hugging Face's LlamaForCausalLM (Mistral's and Qwen2's
+are the same), so its state dict maps onto ours key for key.
 This file imports no other file of the project.
 """
 import json
@@ -36,6 +37,8 @@ class ModelConfig:
     rope_scaling: dict = field(default_factory=dict)  # Llama 3.1 "llama3" scaling; {} = none
     tie_embeddings: bool = False
     max_seq_len: int = 2048
+    qkv_bias: bool = False         # Qwen2's biases on the q, k and v projections
+    sliding_window: int = 0        # Mistral: a token attends to at most this many (itself included); 0 = all
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
@@ -83,27 +86,23 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache = None  # (k, v) tensors of (B, n_kv_heads, max_len, head_dim) while generating
 
-    def forward(self, x, cos, sin, start_pos):
+    def forward(self, x, cos, sin, start_pos, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
         if self.cache is not None:
             ck, cv = self.cache
             ck[:, :, start_pos:start_pos + T], cv[:, :, start_pos:start_pos + T] = k, v
             k, v = ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
-            if start_pos > 0:  # new queries see the whole cache plus their causal part
-                causal = False
-                if T > 1:
-                    mask = torch.arange(T, device=x.device)[:, None] + start_pos >= torch.arange(start_pos + T, device=x.device)
+        causal = mask is None and start_pos == 0  # else no mask means one new token that sees the whole cache
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -127,8 +126,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, start_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+    def forward(self, x, cos, sin, start_pos, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -166,12 +165,17 @@ class Transformer(nn.Module):
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq).repeat(1, 2)  # (T, head_dim) in fp32, whatever the model's dtype
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
+        freqs = torch.outer(pos.float(), self.inv_freq).repeat(1, 2)  # (T, head_dim) in fp32 in any model dtype
         cos, sin = freqs.cos(), freqs.sin()
+        # the keys each query sees: its past, within the sliding window; None where plain causal attention does it
+        mask, window = None, self.cfg.sliding_window or start_pos + T
+        if T > 1 and start_pos > 0 or start_pos + T > window:
+            keys = torch.arange(start_pos + T, device=idx.device)
+            mask = (keys <= pos[:, None]) & (keys > pos[:, None] - window)
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start_pos)
+            x = layer(x, cos, sin, start_pos, mask)
         return self.lm_head(self.model.norm(x if keep is None else x[keep]))
 
     @torch.no_grad()
@@ -245,11 +249,12 @@ class Transformer(nn.Module):
         sd = merged_state_dict(self)
         if cfg.tie_embeddings:
             del sd["lm_head.weight"]
-        hf = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=cfg.dim,
+        family = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"
+        hf = dict(architectures=[f"{family.capitalize()}ForCausalLM"], model_type=family, hidden_size=cfg.dim,
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                   vocab_size=cfg.vocab_size, intermediate_size=cfg.hidden_dim, head_dim=cfg.head_dim,
                   rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-                  max_position_embeddings=cfg.max_seq_len, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                  max_position_embeddings=cfg.max_seq_len, hidden_act="silu", sliding_window=cfg.sliding_window or None,
                   torch_dtype=str(next(iter(sd.values())).dtype).removeprefix("torch."))
         if cfg.rope_scaling:
             hf["rope_scaling"] = dict(cfg.rope_scaling, rope_type="llama3")
@@ -360,8 +365,11 @@ def _read_json(file, keys):
 def _read_hf(path):
     c = _read_json(path / "config.json", ["hidden_size", "num_hidden_layers", "num_attention_heads",
                                           "intermediate_size", "vocab_size", "rms_norm_eps"])
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        raise ValueError(f"{path / 'config.json'}: attention_bias / mlp_bias are not supported (LLaMA has no biases)")
+    family = c.get("model_type", "llama")
+    odd = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if c.get(k)]  # Qwen2's window: per layer
+    if family not in ("llama", "mistral", "qwen2") or odd:
+        raise ValueError(f"{path / 'config.json'}: model_type {' '.join([repr(family), *odd])} is not supported; "
+                         "supported: llama, mistral (sliding_window), qwen2 (its q/k/v biases); no other biases")
     rope = c.get("rope_parameters") or dict(c.get("rope_scaling") or {}, rope_theta=c.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
@@ -372,7 +380,8 @@ def _read_hf(path):
                       hidden_dim=c["intermediate_size"], head_dim=c.get("head_dim") or 0, norm_eps=c["rms_norm_eps"],
                       rope_theta=rope.get("rope_theta", 10000.0), rope_scaling=scaling,
                       tie_embeddings=c.get("tie_word_embeddings", False),
-                      max_seq_len=c.get("max_position_embeddings", 2048))
+                      max_seq_len=c.get("max_position_embeddings", 2048), qkv_bias=family == "qwen2",
+                      sliding_window=(c.get("sliding_window") or 0) if family == "mistral" else 0)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -389,18 +398,6 @@ def _read_hf(path):
 
 def _read_meta(path):
     p = _read_json(path / "params.json", ["dim", "n_layers", "n_heads", "vocab_size"])
-    if p["vocab_size"] <= 0:
-        raise ValueError(f"{path / 'params.json'}: vocab_size {p['vocab_size']} (take it from the tokenizer and set it)")
-    hidden = int(2 * 4 * p["dim"] / 3)  # Meta's rule for the SwiGLU inner size
-    if p.get("ffn_dim_multiplier"):
-        hidden = int(p["ffn_dim_multiplier"] * hidden)
-    multiple = p.get("multiple_of", 256)
-    hidden = multiple * ((hidden + multiple - 1) // multiple)
-    scaling = dict(factor=p.get("rope_scaling_factor", 8.0), low_freq_factor=1.0, high_freq_factor=4.0,
-                   original_max_position_embeddings=8192) if p.get("use_scaled_rope") else {}
-    cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads") or p["n_heads"],
-                      vocab_size=p["vocab_size"], hidden_dim=hidden, norm_eps=p.get("norm_eps", 1e-5),
-                      rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling, max_seq_len=p.get("max_seq_len", 8192))
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{path}: params.json but no consolidated.NN.pth")
@@ -409,6 +406,18 @@ def _read_meta(path):
     except (pickle.UnpicklingError, RuntimeError) as e:
         raise ValueError(f"{path}: a consolidated.NN.pth that is not plain tensors (pickled code or objects are "
                          f"never run: weights_only loading) or not a torch file: {str(e).splitlines()[0]}") from None
+    hidden = int(2 * 4 * p["dim"] / 3)  # Meta's rule for the SwiGLU inner size
+    if p.get("ffn_dim_multiplier"):
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    multiple = p.get("multiple_of", 256)
+    hidden = multiple * ((hidden + multiple - 1) // multiple)
+    scaling = dict(factor=p.get("rope_scaling_factor", 8.0), low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192) if p.get("use_scaled_rope") else {}
+    vocab = p["vocab_size"] if p["vocab_size"] > 0 else shards[0]["tok_embeddings.weight"].shape[0]  # Llama 2: -1
+    cfg = ModelConfig(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
+                      n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab, hidden_dim=hidden,
+                      norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
+                      max_seq_len=p.get("max_seq_len", 8192))
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     for i in range(cfg.n_layers):
         for meta, hf in [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"), ("attention.wv", "self_attn.v_proj"),
@@ -452,7 +461,7 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, base, rank, scale):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
-        self.weight = base.weight
+        self.weight, self.bias = base.weight, base.bias  # a bias (Qwen2's q, k, v) stays frozen as it is
         self.weight.requires_grad_(False)
         self.scale = scale
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
@@ -460,7 +469,7 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of nn.Linear and of peft
 
     def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
 
 
 def add_lora(model, rank, alpha, targets=("gate_proj", "up_proj", "down_proj")):

@@ -28,6 +28,14 @@ def llama3_tokenizer_file():
 
 
 @pytest.fixture(scope="session")
+def family_dir():
+    path = os.environ.get("CUT_FAMILY_TOKENIZERS")
+    if not path or not Path(path, "llama-2.tokenizer.model").exists():
+        pytest.skip("set CUT_FAMILY_TOKENIZERS to a directory built by ../shared/tools/get_family_tokenizers.sh")
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")

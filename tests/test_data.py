@@ -3,6 +3,8 @@ import dataclasses
 import json
 import random
 import re
+import shutil
+import unicodedata
 
 import pytest
 import torch
@@ -186,18 +188,27 @@ def test_unsupported_tokenizers_fail_clearly(tmp_path):
         "model": {"type": "BPE", "byte_fallback": True, "unk_token": "<unk>", "vocab": {"<unk>": 0, "▁": 1, "a": 2},
                   "merges": []}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(sentencepiece_style))
-    with pytest.raises(ValueError, match="only byte-level BPE tokenizer.json and Meta's") as err:
+    with pytest.raises(ValueError, match="without the 256 byte fallback tokens .*; supported: a byte-level BPE") as err:
         Tokenizer.from_pretrained(tmp_path)
     assert str(tmp_path / "tokenizer.json") in str(err.value)
+    # transformers' newer form: Metaspace, which puts no "▁" before a leading space, unlike SentencePiece
+    metaspace = dict(sentencepiece_style, normalizer=None, pre_tokenizer={
+        "type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(metaspace))
+    with pytest.raises(ValueError, match="not SentencePiece's normalizer alone .*SentencePiece BPE with byte fallback"):
+        Tokenizer.from_pretrained(tmp_path)
     unigram = dict(sentencepiece_style, normalizer=None, model={"type": "Unigram", "vocab": [["<unk>", 0.0]]})
     (tmp_path / "tokenizer.json").write_text(json.dumps(unigram))
-    with pytest.raises(ValueError, match="only byte-level BPE"):
+    with pytest.raises(ValueError, match="not a byte-level BPE tokenizer .*; supported: a byte-level BPE"):
         Tokenizer.from_pretrained(tmp_path / "tokenizer.json")
     (tmp_path / "sp" / "tokenizer.model").parent.mkdir()
-    sentencepiece_model = b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x08\n\x03\xe2\x96\x81"  # protobuf
-    (tmp_path / "sp" / "tokenizer.model").write_bytes(sentencepiece_model)
-    with pytest.raises(ValueError, match="tokenizer.model: cannot read it .*only byte-level BPE"):
-        Tokenizer.from_pretrained(tmp_path / "sp")
+    pieces = b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x05\n\x03\xe2\x96\x81"  # protobuf: <unk>, "▁"
+    unigram = b"\x12\x02\x18\x01"  # trainer_spec {model_type: UNIGRAM}
+    for data, error in [(pieces, "not BPE with byte fallback"), (pieces + unigram, "not BPE with byte fallback"),
+                        (pieces[:12], r"cannot read it \(truncated\)")]:
+        (tmp_path / "sp" / "tokenizer.model").write_bytes(data)
+        with pytest.raises(ValueError, match=f"tokenizer.model: .*{error}.*; supported: .*Meta's Llama 3"):
+            Tokenizer.from_pretrained(tmp_path / "sp")
     Tokenizer.byte_level().save(tmp_path / "bl")
     spec = json.loads((tmp_path / "bl" / "tokenizer.json").read_text())
     spec["model"]["vocab"].update({"ab": 258, "bc": 259})
@@ -208,6 +219,134 @@ def test_unsupported_tokenizers_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: no tokenizer.json, tokenizer.model"):
         Tokenizer.from_pretrained(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------- Llama 2, Mistral, Qwen
+# What a tokenizer finds hard: spaces and whitespace runs, digits, scripts, emoji and rare characters (byte fallback),
+# code, and text that looks like special tokens or SentencePiece's own notation
+ATOMS = [*CORPUS[:-1], " ", "  ", "   ", "\n", "\n\n", "\t", " \t", "\r\n", "\n ", "7", "42", "3.14", "1,000,000", "²½",
+         "中文", "漢字とかな", "한국어", "ไทย", "😀", "👨‍👩‍👧", "🇫🇷", "🧪", "𝔘𝔫𝔦", "𠀀𠀁", "e\u0301", "\u200b", "\ufeff", "\x00",
+         "\x7f", "\u2028", "ﬁ", "▁", "▁▁x", "<s>", "</s>", "<unk>", "[INST]", "[/INST]", "<<SYS>>", "<|im_start|>",
+         "<|endoftext|>", "<0x0A>", "def f(x):\n    return x  # ok", "if (a && b) { c++; }", "https://x.org/?q=1&r=2"]
+LLAMA2_TEMPLATE = (  # Llama-2-chat's, as published with its Hugging Face checkpoints
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+    "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_V1_TEMPLATE = (  # Mistral-7B-Instruct-v0.1's
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+MISTRAL_V3_TEMPLATE = (  # Mistral-7B-Instruct-v0.3's, for user and assistant turns
+    "{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + message['content'] + '[/INST]' }}{%- elif message['role'] == 'assistant' %}"
+    "{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}")
+
+
+def varied_corpus(n=1200):
+    """n strings ("", the atoms, runs of 1 to 8 atoms or random code points: rare ones need byte fallback), then the
+    whitespace runs of every length to 39, where SentencePiece's many whitespace pieces tie on score."""
+    rng = random.Random(0)
+    spans = [(0x20, 0x3000), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF), (0x20000, 0x2FFFF)]
+    atoms = ATOMS + [chr(rng.randrange(*rng.choice(spans))) for _ in range(300)]
+    runs = [a + space * k + b for k in range(1, 40) for space in (" ", "\t", "\n", " \n") for a, b in [("", ""), "xy"]]
+    return (["", *ATOMS] + ["".join(rng.choice(atoms) for _ in range(rng.randint(1, 8))) for _ in range(n - len(ATOMS))]
+            + runs)
+
+
+@pytest.mark.parametrize("name", ["llama-2", "mistral-7b-v0.1", "mistral-7b-v0.3"])
+def test_sentencepiece_model_matches_sentencepiece(family_dir, name):
+    spm = pytest.importorskip("sentencepiece")
+    file = family_dir / f"{name}.tokenizer.model"
+    ref, tok = spm.SentencePieceProcessor(model_file=str(file)), Tokenizer.from_pretrained(file)
+    corpus = varied_corpus() + [CORPUS[-1], "\n".join(varied_corpus())]
+    round_trips = 0
+    for text in corpus:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text), text[:80]
+        assert tok.decode(ids) == ref.decode(ids), text[:80]  # so decode(encode(s)) == s wherever sentencepiece's does
+        assert not set(ids) & set(tok.special.values())
+        round_trips += tok.decode(ids) == text
+    assert len(corpus) > 1000 and round_trips > 0.9 * len(corpus)
+    assert tok.decode(ref.encode(" x  y ")) == ref.decode(ref.encode(" x  y ")) == " x  y "  # the dummy prefix only
+    n = ref.get_piece_size()
+    assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.stop_ids) == (n, ref.bos_id(), ref.eos_id(), [ref.eos_id()])
+    assert set(tok.special.values()) == {i for i in range(n) if ref.is_control(i) or ref.is_unknown(i)}
+    # no chat template: plain prompts unless chat is forced, then the family's own format
+    assert not tok.instruct and tok.chat == ("mistral" if name == "mistral-7b-v0.3" else "llama2")
+
+
+@pytest.mark.parametrize("name", ["mistral-7b-v0.1", "qwen3"])
+def test_tokenizer_json_matches_tokenizers(family_dir, name):
+    tokenizers = pytest.importorskip("tokenizers")
+    file = family_dir / f"{name}.tokenizer.json"
+    ref, tok = tokenizers.Tokenizer.from_file(str(file)), Tokenizer.from_pretrained(file)
+    # tokenizers parses special tokens in the text, we never do (checked below): compare the others
+    corpus = varied_corpus() + [CORPUS[-1], "\n".join(varied_corpus())]
+    corpus = [t for t in corpus if not any(s in t for s in tok.special)]
+    round_trips = 0
+    for text in corpus:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text[:80]
+        assert tok.decode(ids) == ref.decode(ids), text[:80]
+        round_trips += tok.decode(ids) == (unicodedata.normalize("NFC", text) if tok.nfc else text)
+    assert tok.nfc == (name == "qwen3") and len(corpus) > 1000
+    assert round_trips == len(corpus) if tok.nfc else round_trips > 0.9 * len(corpus)  # SentencePiece: not "▁"
+    assert not set(tok.encode("".join(tok.special))) & set(tok.special.values())
+    if name == "qwen3":  # no BOS; the same ranks as Qwen's own tiktoken file
+        tiktoken_load = pytest.importorskip("tiktoken.load")
+        assert tok.enc._mergeable_ranks == tiktoken_load.load_tiktoken_bpe(str(family_dir / "qwen.tiktoken"))
+        assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.stop_ids) == (151669, None, 151645, [151643, 151645])
+        assert tok.chat == "chatml"
+    else:
+        assert (tok.n_vocab, tok.bos_id, tok.eos_id, tok.chat) == (32000, ref.encode("x").ids[0], 2, "llama2")
+
+
+def hf_from_sentencepiece(file, template):
+    """transformers' Llama tokenizer of a tokenizer.model, built as its converter does (which needs protobuf)."""
+    spm, transformers = pytest.importorskip("sentencepiece"), pytest.importorskip("transformers")
+    from transformers.tokenization_utils_base import generate_merges
+    ref = spm.SentencePieceProcessor(model_file=str(file))
+    vocab = {ref.id_to_piece(i): i for i in range(ref.get_piece_size())}
+    merges = generate_merges(vocab, {p: ref.get_score(i) for p, i in vocab.items()})
+    control = [p for p, i in vocab.items() if ref.is_control(i)]
+    # legacy: every text between special tokens gets the dummy prefix, as sentencepiece and Meta's reference code do
+    return transformers.LlamaTokenizer(vocab=vocab, merges=merges, legacy=True, chat_template=template,
+                                       additional_special_tokens=control)
+
+
+@pytest.mark.parametrize("name, file, template, chat", [
+    ("llama-2", "tokenizer.model", LLAMA2_TEMPLATE, "llama2"),
+    ("mistral-7b-v0.1", "tokenizer.json", MISTRAL_V1_TEMPLATE, "llama2"),
+    ("mistral-7b-v0.3", "tokenizer.model", MISTRAL_V3_TEMPLATE, "mistral"),
+    ("qwen3", "tokenizer.json", None, "chatml")], ids=["llama-2", "mistral-v0.1-json", "mistral-v0.3", "qwen3"])
+def test_family_chat_prompts_match_apply_chat_template(family_dir, tmp_path, name, file, template, chat):
+    transformers = pytest.importorskip("transformers")
+    shutil.copy(family_dir / f"{name}.{file}", tmp_path / file)
+    if template is None:  # Qwen's own tokenizer_config.json and template
+        shutil.copy(family_dir / f"{name}.tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    else:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(dict(
+            chat_template=template, bos_token="<s>", eos_token="</s>", tokenizer_class="PreTrainedTokenizerFast")))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert tok.instruct and tok.chat == chat
+    hf = hf_from_sentencepiece(tmp_path / file, template) if file.endswith("model") else (
+        transformers.AutoTokenizer.from_pretrained(tmp_path))  # the real file as it is: tokenizers
+    for instruction, judgment, content in [
+            ("What is 2+2?", None, "What is 2+2?"),
+            ("Two  spaces,\n\ta tab, 中文 and 🤖", "Wrong.", "Two  spaces,\n\ta tab, 中文 and 🤖\n\n### Judgment:\nWrong.")]:
+        out = hf.apply_chat_template([{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True)
+        assert prompt_ids(tok, instruction, judgment, chat=True) == list(out if isinstance(out, list) else
+                                                                         out["input_ids"])
+    ids = prompt_ids(tok, "[INST] </s><s>[/INST] <|im_end|>", chat=True)  # control-token text in the user's turn
+    assert sorted(i for i in ids if i in tok.special.values()) == sorted(
+        i for i in prompt_ids(tok, "x", chat=True) if i in tok.special.values())
 
 
 # ----------------------------------------------------------------------------- triples and the builder

@@ -14,15 +14,17 @@ LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_
                       original_max_position_embeddings=32)
 
 
-def hf_model(seed=0, **overrides):
+def hf_model(seed=0, family="Llama", **overrides):
     torch.manual_seed(seed)
     overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in overrides.items()}  # HF edits dicts in place
-    cfg = transformers.LlamaConfig(**{**TINY, **overrides})
-    m = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF initialises norms to 1; random values make the test able to fail on them
+    cfg = getattr(transformers, f"{family}Config")(**{**TINY, **overrides})
+    m = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1 and biases to 0; random values make the test able to fail on them
         for n, p in m.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(std=0.5)
     return m
 
 
@@ -49,6 +51,29 @@ def test_logits_match_transformers(tmp_path, overrides):
     assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("family, overrides", [
+    ("Llama", dict(num_key_value_heads=4)),             # Llama 2: no grouped-query attention, no rope scaling
+    ("Mistral", dict(sliding_window=16)),               # grouped-query attention, a window shorter than the sequences
+    ("Qwen2", dict(rope_theta=1e6)),                    # q/k/v biases, untied
+    ("Qwen2", dict(tie_word_embeddings=True, num_key_value_heads=1)),
+], ids=["llama2", "mistral", "qwen2", "qwen2-tied"])
+def test_family_logits_generate_and_save_match_transformers(tmp_path, family, overrides):
+    ref = hf_model(family=family, **overrides)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = Transformer.from_pretrained(tmp_path / "hf")
+    x = ids(T=40)
+    torch.testing.assert_close(ours(x), hf_logits(ref, x), atol=1e-4, rtol=0)
+    prompt = ids(T=7, B=1)  # with the KV cache, 37 tokens: past Mistral's window
+    expected = ref.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 30, temperature=0), expected)
+    add_lora(ours, 4, 8.0, ("q_proj", "v_proj", "up_proj"))  # B = 0: the same model, biases kept
+    torch.testing.assert_close(ours(x), hf_logits(ref, x), atol=1e-4, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back) is type(ref) and back.config.tie_word_embeddings == ref.config.tie_word_embeddings
+    torch.testing.assert_close(hf_logits(back, x), hf_logits(ref, x), atol=1e-4, rtol=0)
+
+
 def test_sharded_and_bf16_files(tmp_path):
     ref = hf_model().to(torch.bfloat16)
     ref.save_pretrained(tmp_path, max_shard_size="20KB")
@@ -72,8 +97,9 @@ def test_older_top_level_rope_keys(tmp_path):
     assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
 
 
-def test_meta_layout_two_shards(tmp_path):
-    ref = hf_model(num_key_value_heads=2)
+@pytest.mark.parametrize("n_kv_heads, vocab_size", [(2, 101), (None, -1)], ids=["llama3", "llama2"])
+def test_meta_layout_two_shards(tmp_path, n_kv_heads, vocab_size):
+    ref = hf_model(num_key_value_heads=n_kv_heads or 4)
     c = ref.config
     hd = c.hidden_size // c.num_attention_heads
 
@@ -94,19 +120,22 @@ def test_meta_layout_two_shards(tmp_path):
                  f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
                  f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
                  f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"]}
-    # model parallelism: column-parallel weights split on dim 0, row-parallel (wo, w2) on dim 1, norms replicated
+    # model parallelism: column-parallel weights split on dim 0, row-parallel (wo, w2) on dim 1, norms replicated;
+    # Llama 2's embedding splits its dim 1, Llama 3's its vocabulary
+    row_parallel = ("wo.weight", "w2.weight") + (("tok_embeddings.weight",) if vocab_size < 0 else ())
     for shard in range(2):
         part = {}
         for k, v in meta.items():
-            dim = None if v.dim() == 1 else 1 if k.endswith(("wo.weight", "w2.weight")) else 0
+            dim = None if v.dim() == 1 else 1 if k.endswith(row_parallel) else 0
             part[k] = v.clone() if dim is None else v.chunk(2, dim=dim)[shard].clone()
         torch.save(part, tmp_path / f"consolidated.0{shard}.pth")
     # Meta's hidden size rule: 96 = multiple_of * ceil(int(2 * 4 * 64 / 3) * 0.5625 / multiple_of)
-    (tmp_path / "params.json").write_text(json.dumps(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101,
-                                                          multiple_of=32, ffn_dim_multiplier=0.5625, norm_eps=1e-5,
-                                                          rope_theta=10000.0)))
+    # Llama 2's params.json has no n_kv_heads and vocab_size -1 (the tokenizer's size)
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab_size, multiple_of=32,
+                  ffn_dim_multiplier=0.5625, norm_eps=1e-5, rope_theta=10000.0)
+    (tmp_path / "params.json").write_text(json.dumps({k: v for k, v in params.items() if v is not None}))
     ours = Transformer.from_pretrained(tmp_path)
-    assert ours.cfg.hidden_dim == 96
+    assert (ours.cfg.hidden_dim, ours.cfg.vocab_size, ours.cfg.n_kv_heads) == (96, 101, n_kv_heads or 4)
     x = ids()
     assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
 
@@ -231,6 +260,19 @@ def test_shape_mismatch_and_missing_tensor(tmp_path):
         Transformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
     with pytest.raises(ValueError, match=r"missing tensor\(s\) model\.layers\.2\."):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(model_type="gemma"), "model_type 'gemma' is not supported"),  # same tensor names, other maths
+    (dict(attention_bias=True), "model_type 'llama' attention_bias is not supported"),  # o_proj too
+    (dict(model_type="qwen2", use_sliding_window=True), "model_type 'qwen2' use_sliding_window is not supported"),
+])
+def test_unsupported_families_fail_clearly(tmp_path, edit, message):
+    saved_tiny(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **edit)))
+    with pytest.raises(ValueError, match=rf"config\.json: {message}; supported: llama, mistral .*qwen2"):
         Transformer.from_pretrained(tmp_path)
 
 

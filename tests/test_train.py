@@ -186,6 +186,46 @@ def test_lora_trains_adapters_and_merges_them(lora_straight, base_dir):
             assert torch.equal(merged[k], base[k]), k
 
 
+def test_llama2_tokenizer_lora_cut_then_sample_and_eval(tmp_path, family_dir, capsys):
+    """A tiny Llama-2-shaped checkpoint carrying the real Llama 2 tokenizer and an [INST] chat template: CUT with LoRA,
+    then sample.py and eval.py --mode=triples on what train.py wrote."""
+    transformers = pytest.importorskip("transformers")
+    import eval as ev
+    import sample
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=32000, max_position_embeddings=256)).save_pretrained(base)
+    shutil.copy(family_dir / "llama-2.tokenizer.model", base / "tokenizer.model")
+    template = "{% for m in messages %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% endfor %}"
+    (base / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    data = tmp_path / "triples.jsonl"
+    records = [{"instruction": f"Add {a} and 7.", "response": f"{a} + 7 = {a + 7 + a % 2}",
+                "judgment": "The sum is one too high." if a % 2 else None} for a in range(12)]
+    data.write_text("\n".join(map(json.dumps, records)))
+    out = tmp_path / "out"
+    train.main([f"--init_from={base}", f"--data={data}", *LORA, "--max_iters=3", "--batch_size=4", "--max_len=64",
+                "--eval_interval=3", "--log_interval=1", "--val_frac=0.25", "--warmup_iters=1", "--lam=1.0",
+                "--device=cpu", "--dtype=float32", f"--out_dir={out}"])
+    log = log_of(out)
+    assert len(log) == 3 and all(r["loss"] == r["loss"] for r in log) and "val_loss" in log[-1]
+    tok = Tokenizer.from_pretrained(out)
+    assert (tok.chat, tok.instruct, tok.n_vocab, tok.bos_id) == ("llama2", True, 32000, 1)
+    assert (out / "tokenizer.model").read_bytes() == (family_dir / "llama-2.tokenizer.model").read_bytes()
+    capsys.readouterr()
+    sample.main([f"--ckpt={out}", "--prompt=Add 2 and 7.", "--max_new_tokens=6", "--temperature=0", "--device=cpu",
+                 "--dtype=float32"])
+    x = torch.tensor([prompt_ids(tok, "Add 2 and 7.", chat=True)])
+    assert x[0, :5].tolist() == [1, 518, 25580, 29962, 3462]  # <s> ▁[ INST ] ▁Add
+    new = Transformer.from_pretrained(out).generate(x, 6, temperature=0, stop_ids=tok.stop_ids)[0, x.shape[1]:]
+    assert capsys.readouterr().out == tok.decode(t for t in new.tolist() if t not in tok.stop_ids) + "\n"
+    result = ev.main(["--mode=triples", f"--data={data}", f"--ckpt={out}", f"--before={base}", "--val_frac=0.5",
+                      f"--out_file={tmp_path / 'r.json'}", "--device=cpu"])
+    assert result["held_out"] == 6 and [r["ckpt"] for r in result["rows"]] == [str(base), str(out)]
+    assert all(r["tokens_in_U"] + r["tokens_out_U"] > 0 for r in result["rows"])
+
+
 # ----------------------------------------------------------------------------- compile
 def test_compile_smoke(tmp_path):  # ~40 s with a cold inductor cache, ~2 s warm
     if not torch._dynamo.is_dynamo_supported() or not any(map(shutil.which, ("g++", "c++", "clang++"))):
