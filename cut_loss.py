@@ -74,5 +74,5 @@ def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, logp
     elif mode in ('sft', 'sft_all', 'hindsight'):
         loss = mle_loss(logp, mask)
     else:
-        raise ValueError(f"unknown loss mode {mode!r}")
+        raise ValueError(f"unknown loss mode {mode!r}; expected cut, sft, sft_all, hindsight or forward")
     return loss, {'frac_unlikely': 0.0}

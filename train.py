@@ -220,8 +220,6 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
     state = open_run(cfg, master)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
     if ddp:  # the other ranks go on once rank 0 has finished an interrupted save and cleaned the directory
         dist.barrier()
 
@@ -282,6 +280,8 @@ def train(cfg):
     stop = []
     on_signal = lambda signum, frame: (stop.append(signum), signal.signal(signum, signal.SIG_DFL))
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if master else None
     bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters, disable=not master,
                desc=f"{cfg.loss} {out}", dynamic_ncols=True)

@@ -9,8 +9,9 @@ import unicodedata
 import pytest
 import torch
 
-from data import (JUDGED, PLAIN, POSITIVE_JUDGMENT, TASK_JUDGMENTS, TASK_RESPONSES, Tokenizer, Triple, check_response,
-                  collate, configure, encode_triples, load_triples, make_task, prompt_ids, split_triples)
+from data import (JUDGED, JUDGMENT_HEADER, NEW_FORMAT, PLAIN, POSITIVE_JUDGMENT, TASK_JUDGMENTS, TASK_REMARKS,
+                  TASK_RESPONSES, Tokenizer, Triple, check_response, collate, configure, encode_triples, load_triples,
+                  make_task, prompt_ids, split_triples)
 
 # ----------------------------------------------------------------------------- tokenizers
 CORPUS = [
@@ -429,16 +430,16 @@ def test_row_structure_of_each_mode(byte_tok, capsys):
     y_acc, y_neg = tok.encode(ACC.response) + [eos], tok.encode(NEG.response) + [eos]
     plain = prompt_ids(tok, X)
     a, n = encode_triples(tok, [ACC, NEG], "cut", 4096)
-    assert (a.rows, a.x_row, a.j_row, a.is_neg, a.pos) == ([(plain, y_acc)], 0, 0, False, None)
-    assert (n.rows, n.x_row, n.j_row, n.is_neg) == ([(plain, y_neg), (prompt_ids(tok, X, J), y_neg)], 0, 1, True)
+    assert (a.rows, a.is_neg, a.pos) == ([(plain, y_acc)], False, None)
+    assert (n.rows, n.is_neg) == ([(plain, y_neg), (prompt_ids(tok, X, J), y_neg)], True)
     assert [e.rows for e in encode_triples(tok, [ACC, NEG], "sft", 4096)] == [[(plain, y_acc)]]
     assert "skipped 1 flawed" in capsys.readouterr().out
     assert [e.rows for e in encode_triples(tok, [ACC, NEG], "sft_all", 4096)] == [[(plain, y_acc)], [(plain, y_neg)]]
     a, n = encode_triples(tok, [ACC, NEG], "hindsight", 4096)
     assert a.rows == [(prompt_ids(tok, X, POSITIVE_JUDGMENT), y_acc)] and n.rows == [(prompt_ids(tok, X, J), y_neg)]
-    assert a.j_row == a.x_row == n.j_row == 0
+    assert len(a.rows) == len(n.rows) == 1
     a, n = encode_triples(tok, [ACC, NEG], "forward", 4096)
-    assert a.rows[0] == (plain, y_acc) and (n.x_row, n.j_row) == (0, 1)
+    assert a.rows[0] == (plain, y_acc) and len(n.rows) == 2
     for e, resp, judgment in ((a, ACC.response, POSITIVE_JUDGMENT), (n, NEG.response, J)):
         p, t = e.rows[1]
         assert t[-1] == eos and tok.decode(t[:-1]) == judgment
@@ -475,7 +476,7 @@ def test_load_triples_authors_format(tmp_path, capsys, jsonl):
     got = load_triples(write(tmp_path / "a.json", records, jsonl))
     assert [t.judgment for t in got] == [None, None, None, None, "Bad", "Wrong"]
     assert got[1].instruction == "x\nmore" and got[0].instruction == "x" and got[0].response == "y"
-    assert "loaded 6 triples (4 acceptable, 2 flawed), dropped 1 ($ERROR$ judgments: 1)" in capsys.readouterr().out
+    assert "loaded 6 triples (4 acceptable, 2 flawed), dropped 1 with a failed judge call ($ERROR$)" in capsys.readouterr().out
 
 
 def test_load_triples_shepherd_and_plain(tmp_path):
@@ -598,19 +599,54 @@ def test_instruction_without_letters_fails_clearly():
         check_response("Sort these letters.", "a, b")
 
 
-def test_make_task_is_deterministic_and_flawed_fraction_exact():
+def letters_of(instruction):
+    return tuple(re.findall(r"\b[a-j]\b", instruction.split(JUDGMENT_HEADER)[0]))
+
+
+def test_make_task_is_deterministic_and_its_splits_share_no_letter_list():
     a = make_task(300, seed=0)
     assert a == make_task(300, seed=0) and a != make_task(300, seed=1)
-    assert sum(t.judgment is not None for t in a) == round(300 * 0.65)
+    lists = {s: {letters_of(t.instruction) for t in make_task(600, seed=5, split=s)} for s in ("train", "val", "test")}
+    assert not lists["train"] & lists["val"] and not lists["train"] & lists["test"] and not lists["val"] & lists["test"]
+
+
+def test_mixed_data_is_flawed_on_the_longest_lists_first():
+    triples = make_task(300, seed=0, flawed_frac=0.8)
+    flawed = [len(letters_of(t.instruction)) for t in triples if t.judgment is not None]
+    fine = [len(letters_of(t.instruction)) for t in triples if t.judgment is None]
+    assert len(flawed) == 240 and max(fine) <= min(flawed)
     assert all(t.judgment is not None for t in make_task(50, seed=2, flawed_frac=1.0))
     assert all(t.judgment is None for t in make_task(50, seed=2, flawed_frac=0.0))
 
 
+def test_base_data_makes_the_mistake_on_long_lists_and_reads_judgments():
+    triples = make_task(4000, seed=3, kind="base")
+    judged = [t for t in triples if JUDGMENT_HEADER in t.instruction]
+    assert 0.22 < len(judged) / len(triples) < 0.28 and all(t.judgment is None for t in judged)
+    for t in judged:  # the judgment in the prompt is the one the checker writes for the response it precedes
+        x, j = t.instruction.split(JUDGMENT_HEADER)
+        assert check_response(x, t.response).judgment == j
+    plain = [(len(letters_of(t.instruction)), check_response(t.instruction, t.response).kind) for t in triples
+             if t not in judged]
+    assert all(kind == "ok" for n, kind in plain if n < 5)
+    long = [kind for n, kind in plain if n >= 5]
+    assert set(long) == {"ok", "swap"} and 0.45 < long.count("swap") / len(long) < 0.55
+
+
+def test_new_format_data_is_all_flawed_and_only_it_has_the_new_format():
+    new = make_task(500, seed=4, kind="new")
+    assert all(t.judgment and NEW_FORMAT.fullmatch(t.response) for t in new)
+    kinds = [check_response(t.instruction, t.response).kind for t in new]
+    assert set(kinds) == {"swap", "missing"} and 0.15 < kinds.count("missing") / len(kinds) < 0.25
+    for kind in ("base", "mixed"):
+        assert not any(NEW_FORMAT.fullmatch(t.response) for t in make_task(500, seed=4, kind=kind))
+
+
 def test_generated_triples_agree_with_the_checker_and_describe_not_spell_out():
-    triples = make_task(2000, seed=3)
+    triples = make_task(2000, seed=3, flawed_frac=0.65)
     kinds = [check_response(t.instruction, t.response).kind for t in triples]
     assert kinds.count("ok") == 700 and set(kinds) == {"ok", "swap", "missing"}
-    assert 0.15 < kinds.count("missing") / 1300 < 0.25                  # missing_frac=0.2 of the flawed ones
+    assert 0.15 < kinds.count("missing") / 1300 < 0.25                  # a fifth of the flawed ones
     for (x, y, j), kind in zip(((t.instruction, t.response, t.judgment) for t in triples), kinds):
         assert check_response(x, y).judgment == j                       # the checker wrote the judgment
         assert (j is None) == (kind == "ok")
@@ -618,10 +654,89 @@ def test_generated_triples_agree_with_the_checker_and_describe_not_spell_out():
         if j is not None:
             assert len(j) < 80 and not set(re.findall(r"\b\w\b", j)) & set(re.findall(r"\b[a-z]\b", y))
     assert len({j for j in (t.judgment for t in triples) if j}) >= len(TASK_JUDGMENTS["swap"]) + 3  # the wording varies
-    assert len({re.sub(r"[a-z](, [a-z])+", "#", y) for t in triples for y in [t.response]}) == len(TASK_RESPONSES)
+    shapes = {re.sub(r"[a-z](, [a-z])+", "#", t.response) for t in triples}  # wordings and remarks: no judgment's topic
+    assert len(shapes) == len(TASK_RESPONSES) * (len(set(TASK_REMARKS)))
 
 
 def test_no_wording_contains_a_single_letter_word():
     for wordings in TASK_JUDGMENTS.values():
         for w in wordings:
             assert not re.findall(r"\b[A-Za-z]\b", w.format("third")), w
+
+
+# ----------------------------------------------------------------------------- the programs' settings
+@dataclasses.dataclass
+class Settings:
+    out_dir: str = "out"
+    lam: float = 1.1
+    max_iters: int = 300
+    compile: bool = False
+    j_pos: str = ""
+    device: str = "cpu"
+
+
+def test_configure_file_then_flags(tmp_path):
+    file = tmp_path / "run.json"
+    file.write_text(json.dumps({"lam": 2, "max_iters": 10, "out_dir": "a"}))
+    cfg = configure(Settings(), [str(file), "--max_iters=20", "--j_pos=Good answer."])
+    assert cfg == Settings(out_dir="a", lam=2.0, max_iters=20, j_pos="Good answer.")
+    assert type(cfg.lam) is float and Settings().max_iters == 300  # an int is taken for a float; defaults untouched
+    assert configure(Settings(), ["--max_iters=5", str(file)]).max_iters == 10  # later wins
+    assert configure(Settings(), ["--lam=1", "--lam=1.5e0"]).lam == 1.5
+
+
+@pytest.mark.parametrize("flag, value", [("True", True), ("true", True), ("False", False), ("false", False)])
+def test_configure_bools(flag, value):
+    assert configure(Settings(), [f"--compile={flag}"]).compile is value
+
+
+@pytest.mark.parametrize("text", ["123", "1e3", "True", "None", "[1, 2]", "'quoted'", "gate_proj,up_proj"])
+def test_configure_str_takes_text_verbatim(text):
+    assert configure(Settings(), [f"--out_dir={text}"]).out_dir == text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_iters=1.5"], "'max_iters'.*expected int, got 1.5"),
+    (["--max_iters=True"], "'max_iters'.*expected int, got True"),
+    (["--max_iters=ten"], "'max_iters'.*expected int, got 'ten'"),
+    (["--max_iters=0"], "config key 'max_iters': expected > 0, got 0"),
+    (["--lam=yes"], "'lam'.*expected float"),
+    (["--lam=0.5"], "config key 'lam': expected >= 1"),
+    (["--compile=1"], "'compile'.*expected bool, got 1"),
+    (["--compile=yes"], "'compile'.*expected bool"),
+    (["--out_dir="], "config key 'out_dir': expected a directory, got ''"),
+    (["--device=cuda:7"], "config key 'device': 'cuda:7', but torch sees"),
+    (["--device=bogus"], "config key 'device': expected cpu, cuda or cuda:N, got 'bogus'"),
+    (["--nope=1"], r"unknown config key 'nope' \(from --nope=1\); known keys: out_dir, lam, max_iters, compile, j_pos"),
+    (["--lam"], "argument '--lam': expected --key=value"),
+    (["missing.json"], "config file missing.json"),
+])
+def test_configure_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        configure(Settings(), argv)
+
+
+def test_configure_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    for text, message in [('{"max_iters": "10"}', "'max_iters' \\(from .*bad.json\\): expected int, got '10'"),
+                          ('{"nope": 1}', "unknown config key 'nope' \\(from .*bad.json\\); known keys"),
+                          ('{"lam": ', "config file .*bad.json"), ('[1]', "expected a JSON object of settings")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            configure(Settings(), [str(bad)])
+
+
+def test_split_keeps_copies_of_a_triple_together():
+    triples = [Triple(f"x{i % 30}", "y", None) for i in range(90)]  # 30 triples, each three times
+    train, val = split_triples(triples, 0.2, seed=0)
+    assert len(val) == len(set(val)) == 6 and not set(val) & set(train) and len(train) == 72
+
+
+def test_failed_judge_calls_are_dropped_in_every_format(tmp_path):
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "q", "answer": "a", "feedback": "$ERROR$"}, {"question": "q", "answer": "a", "feedback": "Bad."},
+        {"instruction": "q", "response": "a", "judgment": "$ERROR$"},
+        {"instruction": "q", "response": "b", "judgment": None},
+        {"instruction": "q", "input": "", "output": "a", "judgment": "$ERROR$"}]))
+    assert load_triples(f, verbose=False) == [Triple("q", "a", "Bad."), Triple("q", "b", None)]

@@ -1,8 +1,11 @@
 """eval.py on tiny random models: every mode against hand-computed references (forward passes, counts, formats)."""
+import dataclasses
 import json
 import re
+import shutil
 import subprocess
-import xml.etree.ElementTree as ET
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,6 @@ import eval as ev
 from data import Tokenizer, check_response, configure, load_triples, make_task, prompt_ids, split_triples
 from model import ModelConfig, Transformer
 
-DEFAULTS = {k: getattr(ev, k) for k in ev.CONFIG_KEYS}
 
 
 def tiny_model(seed, path):
@@ -34,20 +36,27 @@ def tiny(tmp_path_factory):
 
 
 def cfg(*argv):
-    return configure(DEFAULTS, ["--device=cpu", *argv])
+    return configure(ev.Config(), ["--device=cpu", *argv])
 
 
 def run(*argv):
     return ev.main(["--device=cpu", *argv])
 
 
-def test_task_mode_end_to_end(tiny, tmp_path):
+def test_task_mode_end_to_end_against_the_base(tiny, tmp_path, capsys):
+    """A run directory with its base in CKPT/base (the default run's layout): one table, the base then the model."""
     path, _, _ = tiny
-    result = run(f"--ckpt={path}", "--n_eval=6", "--max_new_tokens=10", f"--out_file={tmp_path / 'r.json'}")
-    assert json.loads((tmp_path / "r.json").read_text()) == result and result["n"] == 6
-    assert 0 <= result["accuracy"] <= 1 and 0 <= result["swap_rate"] <= 1 and sum(result["kinds"].values()) == 1
-    assert 0 <= result["U_recall"] <= 1 and 0 <= result["frac_unlikely"] <= 1
-    assert result["U_precision"] is None or 0 <= result["U_precision"] <= 1
+    shutil.copytree(path, tmp_path / "run")
+    tiny_model(1, tmp_path / "run" / "base")
+    result = run(f"--ckpt={tmp_path / 'run'}", "--n_eval=6", "--max_new_tokens=10", f"--out_file={tmp_path / 'r.json'}")
+    assert json.loads((tmp_path / "r.json").read_text()) == result
+    assert [r["model"] for r in result["rows"]] == ["base", "ckpt"] and result["rows"][0]["path"].endswith("base")
+    for r in result["rows"]:
+        assert r["n"] == 6 and r["accuracy"] + r["swap"] + r["missing"] + r["other"] == pytest.approx(1)
+        assert 0 <= r["U_recall"] <= 1 and 0 <= r["frac_unlikely"] <= 1 and 0 <= r["new_format"] <= 1
+        assert r["U_precision"] is None or 0 <= r["U_precision"] <= 1
+    table = capsys.readouterr().out
+    assert "| model | accuracy | swap | missing |" in table and "| base |" in table and "| ckpt |" in table
 
 
 def test_accuracy_and_mistake_shares(tiny, monkeypatch):
@@ -64,15 +73,8 @@ def test_accuracy_and_mistake_shares(tiny, monkeypatch):
     monkeypatch.setattr(ev, "generate_responses", fake)
     path, model, tok = tiny
     result = ev.task_eval(model, tok, True, cfg("--n_eval=8"))
-    assert result["accuracy"] == 0.25 and result["swap_rate"] == 0.25
-    assert result["kinds"] == {"garbage": 0.25, "missing": 0.25, "ok": 0.25, "swap": 0.25}
-
-
-def test_u_scores_by_hand():
-    U = [torch.tensor([True, True, False, False]), torch.tensor([False, False, False])]
-    assert ev.u_scores(U, [[1, 3], [2]]) == {"U_precision": 0.5, "U_recall": 1 / 3, "frac_unlikely": 2 / 7}
-    assert ev.u_scores([torch.zeros(3, dtype=torch.bool)], [[0]]) == {"U_precision": None, "U_recall": 0.0,
-                                                                        "frac_unlikely": 0.0}
+    assert (result["accuracy"], result["swap"], result["missing"], result["other"]) == (0.25, 0.25, 0.25, 0.25)
+    assert result["new_format"] == result["ok_new_format"] == 0
 
 
 def test_u_against_wrong_tokens_through_the_pipeline(tiny, monkeypatch):
@@ -84,12 +86,20 @@ def test_u_against_wrong_tokens_through_the_pipeline(tiny, monkeypatch):
     monkeypatch.setattr(ev, "cut_loss", every_token)
     monkeypatch.setattr(ev, "generate_responses", lambda m, t, ch, ins, *a: ["a, b"] * len(ins))
     path, model, tok = tiny
-    flawed = make_task(10, seed=ev.eval_seed + 1, flawed_frac=1.0)
-    wrong = sum(len(set(check_response(t.instruction, t.response).wrong)) for t in flawed)
+    c = cfg("--n_eval=10")
+    flawed = make_task(10, seed=c.eval_seed + 1, flawed_frac=1.0, split="test")
+    wrong = [set(check_response(t.instruction, t.response).wrong) for t in flawed]
     tokens = sum(len(t.response) + 1 for t in flawed)
-    result = ev.task_eval(model, tok, True, cfg("--n_eval=10"))
-    assert result["U_precision"] == pytest.approx(wrong / tokens) and result["U_recall"] == 1.0
+    result = ev.task_eval(model, tok, True, c)
+    assert result["U_precision"] == pytest.approx(sum(map(len, wrong)) / tokens) and result["U_recall"] == 1.0
     assert result["frac_unlikely"] == 1.0
+    # log p_n - log p_x, by forward passes of their own, on the wrong tokens and on the others
+    gain = [response_logp(model, tok, t.instruction, t.response, t.judgment)
+            - response_logp(model, tok, t.instruction, t.response) for t in flawed]
+    on_wrong = torch.cat([g[sorted(w)] for g, w in zip(gain, wrong)])
+    others = torch.cat([g[[i for i in range(len(g)) if i not in w]] for g, w in zip(gain, wrong)])
+    assert result["gain_wrong"] == pytest.approx(on_wrong.mean().item(), abs=1e-5)
+    assert result["gain_other"] == pytest.approx(others.mean().item(), abs=1e-5)
 
 
 def test_token_positions():
@@ -132,11 +142,11 @@ def test_triples_mode_before_after(tiny, tmp_path):
     path, after, tok = tiny
     before, _ = tiny_model(1, tmp_path / "before")
     triples = make_task(8, seed=6, flawed_frac=0.5)
-    (tmp_path / "t.json").write_text(json.dumps([vars(t) for t in triples]))
+    (tmp_path / "t.json").write_text(json.dumps([dataclasses.asdict(t) for t in triples]))
     _, held = split_triples(triples, 0.5, 1337)
     assert {t.judgment is None for t in held} == {True, False}
     result = run("--mode=triples", f"--data={tmp_path / 't.json'}", f"--ckpt={path}", f"--before={tmp_path / 'before'}",
-                 "--val_frac=0.5", f"--out_file={tmp_path / 'r.json'}")
+                 "--val_frac=0.5", "--lam=1.1", f"--out_file={tmp_path / 'r.json'}")
     U = {id(t): (response_logp(before, tok, t.instruction, t.response, t.judgment).exp()
                  - 1.1 * response_logp(before, tok, t.instruction, t.response).exp() > 0) for t in held if t.judgment}
     assert result["held_out"] == len(held)
@@ -185,7 +195,7 @@ def test_online_writes_judged_triples(tiny, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(ev, "generate_responses", fake)
     run("--mode=online", f"--ckpt={tiny[0]}", "--n_online=6", f"--out_file={tmp_path / 'o.json'}")
     triples = load_triples(tmp_path / "o.json", verbose=False)
-    instructions = [t.instruction for t in make_task(6, seed=ev.online_seed)]
+    instructions = [t.instruction for t in make_task(6, seed=ev.Config().online_seed)]
     assert [t.instruction for t in triples] == instructions and seen == [1.0]
     assert [t.judgment for t in triples] == [check_response(i, r).judgment for i, r in
                                              zip(instructions, ["a, b, c", "a, c, b", "nothing"] * 2)]
@@ -197,83 +207,67 @@ def test_online_writes_judged_triples(tiny, tmp_path, monkeypatch, capsys):
         check_response(r["instruction"], r["response"]).judgment for r in json.loads((tmp_path / "o.json").read_text())]
 
 
-def test_compare_plan():
-    plan = ev.compare_plan(cfg("--n_seeds=2", "--lams=1.1,2", "--compare_dir=/x"))
-    base, runs = plan[0], plan[1:]
-    assert base["method"] == "sft_all" and "--base_iters=0" in base["args"]
-    assert f"--max_iters={ev.base_iters}" in base["args"] and "--seed=1338" in base["args"]
-    # mixed: cut at lam 1.1 (2 seeds) + lam 2 (seed 1) + 4 baselines x 2 seeds; all_flawed: the same without sft
-    assert len(runs) == 11 + 9 and len({str(r["out_dir"]) for r in plan}) == len(plan)
-    assert {r["seed"] for r in runs if r["lam"] == 2} == {1} and {r["seed"] for r in runs if r["lam"] == 1.1} == {1, 2}
-    assert not any(r["method"] == "sft" and r["regime"] == "all_flawed" for r in runs)
-    assert sorted({r["lam"] for r in runs if r["method"] == "cut"}) == [1.1, 2]
-    for r in runs:  # the same base and budget for every method
-        assert "--init_from=/x/base" in r["args"] and f"--max_iters={ev.ft_iters}" in r["args"]
-        assert f"--task_flawed={ev.REGIMES[r['regime']]}" in r["args"] and f"--seed={r['seed']}" in r["args"]
+# ----------------------------------------------------------------------------- a user's mistakes
+def test_triples_mode_takes_the_split_from_the_run(tiny, tmp_path):
+    """After train.py --seed=7 --val_frac=0.25, the held-out triples are that run's, whatever eval.py's defaults."""
+    import train
+    triples = make_task(16, seed=6, flawed_frac=0.5)
+    data = tmp_path / "t.json"
+    data.write_text(json.dumps([dataclasses.asdict(t) for t in triples]))
+    out = tmp_path / "run"
+    train.main([f"--init_from={tiny[0]}", f"--data={data}", "--seed=7", "--val_frac=0.25", "--max_iters=1",
+                "--batch_size=4", "--max_len=200", "--device=cpu", f"--out_dir={out}"])
+    result = run("--mode=triples", f"--data={data}", f"--ckpt={out}", f"--out_file={tmp_path / 'r.json'}")
+    assert (result["seed"], result["val_frac"], result["held_out"]) == (7, 0.25, 4)
+    assert result["held_out"] == len(split_triples(triples, 0.25, 7)[1])
 
 
-def fake_runs():
-    rows = []
-    for regime, method, lam, accs in (("mixed", "cut", 1.5, (0.2, 0.4, 0.9)), ("mixed", "sft", None, (0.5,)),
-                                      ("all_flawed", "cut", 1.5, (0.1, 0.3))):
-        rows += [dict(regime=regime, method=method, lam=lam, accuracy=a, swap_rate=0.1, final_frac_unlikely=None,
-                      U_precision=0.5, U_recall=1.0) for a in accs]
-    return rows
+def test_prompts_that_do_not_fit_are_reported(tmp_path, capsys):
+    torch.manual_seed(0)
+    tok = Tokenizer.byte_level()
+    Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, max_seq_len=40,
+                            vocab_size=tok.n_vocab)).save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    result = run(f"--ckpt={tmp_path}", "--n_eval=4", f"--out_file={tmp_path / 'r.json'}")
+    assert "warning: 4 prompts leave no room to generate in max_seq_len 40" in capsys.readouterr().err
+    assert result["rows"][0]["other"] == 1.0
 
 
-def test_summary_table_and_svg():
-    rows = ev.summarize(fake_runs())
-    assert [(r["regime"], r["method"], r["seeds"]) for r in rows] == [("mixed", "cut", 3), ("mixed", "sft", 1),
-                                                                      ("all_flawed", "cut", 2)]
-    assert rows[0]["acc_mean"] == pytest.approx(0.5) and (rows[0]["acc_min"], rows[0]["acc_max"]) == (0.2, 0.9)
-    assert rows[0]["acc_std"] == pytest.approx(0.3605551) and rows[1]["acc_std"] == 0.0
-    table = ev.compare_table(rows).splitlines()
-    assert len(table) == 5 and "| 0.500 ± 0.361 (0.200–0.900) |" in table[2] and "| 1.5 |" in table[2]
-    assert table[3].startswith("| mixed | sft | – | 1 |")
-    svg = ET.fromstring(ev.svg_chart(rows))
-    rects = svg.findall("{http://www.w3.org/2000/svg}rect")
-    assert [float(r.get("height")) for r in rects] == [100.0, 100.0, 40.0]  # mean accuracy * 200 px
-
-
-def test_compare_resumes(tiny, tmp_path, monkeypatch):
-    """train.py replaced by a stand-in that writes a finished run: every run is trained once, evaluated, summarised."""
-    calls, resumed = [], []
-
-    def fake_train(cmd, cwd, check, stdout, stderr, env):
-        out = next(a.split("=", 1)[1] for a in cmd if a.startswith("--out_dir="))
-        calls.append(out)
-        resumed.append("--resume=True" in cmd)
-        tiny_model(0, out)
-        torch.save({"iter": ev.ft_iters if "--base_iters=0" not in cmd else ev.base_iters},
-                   f"{out}/train_state.pt")
-        open(f"{out}/log.jsonl", "w").write('{"iter": 0, "frac_unlikely": 0.25}\n')
-
-    monkeypatch.setattr(subprocess, "run", fake_train)
-    argv = ["--mode=compare", f"--compare_dir={tmp_path}", "--n_seeds=1", "--lams=1.5,", "--n_eval=2",
-            "--max_new_tokens=3", "--jobs=2"]
-    result = run(*argv)
-    assert len(calls) == 1 + 4 + 5 and len(result["runs"]) == 10 and calls[0] == str(tmp_path / "base") and len(result["summary"]) == 10
-    assert {r["final_frac_unlikely"] for r in result["runs"]} == {0.25}
-    assert json.loads((tmp_path / "compare.json").read_text())["summary"] == result["summary"]
-    assert (tmp_path / "compare.md").read_text().count("\n") == 12
-    ET.fromstring((tmp_path / "compare.svg").read_text())
-    torch.save({"iter": 1}, tmp_path / "mixed" / "sft-s1" / "train_state.pt")  # as if killed after a checkpoint
-    run(*argv)
-    assert len(calls) == 11 and calls[-1] == str(tmp_path / "mixed" / "sft-s1") and resumed == [False] * 10 + [True]
+def test_an_interrupted_save_is_finished_by_the_reader(tiny, tmp_path):
+    """A save killed while moving its files: the complete new checkpoint in .ckpt-new is what eval.py reads."""
+    path, model, tok = tiny
+    run_dir = tmp_path / "run"
+    tiny_model(1, run_dir)  # the old checkpoint
+    shutil.copytree(path, run_dir / ".ckpt-new")  # the new one, complete, with its config.json already moved
+    (run_dir / ".ckpt-new" / "COMPLETE").touch()
+    shutil.move(run_dir / ".ckpt-new" / "config.json", run_dir / "config.json")
+    loaded, _, _ = ev.load(run_dir, cfg())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert not (run_dir / ".ckpt-new").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--mode=bogus"], "'mode'"),
-    (["--ckpt=/nonexistent/ckpt"], "ckpt /nonexistent/ckpt: no such directory"),
-    (["--mode=triples"], "needs --data=FILE"),
-    (["--chat=maybe"], "'chat'"),
-    (["--lams=1.5"], "'lams'"),
-    (["--temperature=hot"], "'temperature'"),
-    (["--n_eval=0"], "'n_eval'"),
-    (["--mode=alpaca", "--alpaca_file=/nonexistent.json"], "/nonexistent.json: no such file"),
+    (["--device=bogus"], "config key 'device': expected cpu, cuda or cuda:N, got 'bogus'"),
+    (["--mode=compare"], "config key 'mode': expected task | triples | alpaca | online"),
+    (["--split=train"], "config key 'split': expected val | test"),
+    (["--n_eval=0"], "config key 'n_eval': expected > 0"),
+    (["--mode=triples"], "mode 'triples' needs --data=FILE"),
+    (["--mode=alpaca"], "mode 'alpaca' needs --alpaca_file=FILE: AlpacaEval's instructions, published in "),
+    (["--mode=alpaca", "--alpaca_file=/nonexistent.json"], "alpaca_file /nonexistent.json: no such file"),
+    (["--ckpt=/nonexistent"], "/nonexistent: no such checkpoint directory"),
 ])
-def test_bad_input_is_one_line(capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
-        run(*argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count("\n") == 1 and err.startswith("eval.py: ")
+def test_bad_settings_fail_with_one_line(tiny, argv, message):
+    with pytest.raises((ValueError, OSError), match=message):
+        run(f"--ckpt={tiny[0]}", *argv)
+
+
+def test_out_file_that_is_a_directory_fails_before_evaluating(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "task_mode", lambda c: pytest.fail("evaluated"))
+    with pytest.raises(ValueError, match=f"out_file {tmp_path}: a directory"):
+        run(f"--ckpt={tiny[0]}", f"--out_file={tmp_path}")
+
+
+def test_program_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "eval.py", "--device=cpu", f"--ckpt={tmp_path / 'none'}"],
+                          cwd=Path(ev.__file__).parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"eval.py: {tmp_path / 'none'}: no such checkpoint directory"

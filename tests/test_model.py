@@ -48,7 +48,7 @@ def test_logits_match_transformers(tmp_path, overrides):
     ref.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path)
     x = ids(T=120)
-    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+    torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("family, overrides", [
@@ -81,7 +81,7 @@ def test_sharded_and_bf16_files(tmp_path):
     ref32 = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
     x = ids()
-    assert (ours(x) - hf_logits(ref32, x)).abs().max() <= 1e-4
+    torch.testing.assert_close(ours(x), hf_logits(ref32, x), rtol=0, atol=1e-4)
     assert Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
 
 
@@ -94,7 +94,7 @@ def test_older_top_level_rope_keys(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     ours = Transformer.from_pretrained(tmp_path)
     x = ids()
-    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+    torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("n_kv_heads, vocab_size", [(2, 101), (None, -1)], ids=["llama3", "llama2"])
@@ -137,7 +137,7 @@ def test_meta_layout_two_shards(tmp_path, n_kv_heads, vocab_size):
     ours = Transformer.from_pretrained(tmp_path)
     assert (ours.cfg.hidden_dim, ours.cfg.vocab_size, ours.cfg.n_kv_heads) == (96, 101, n_kv_heads or 4)
     x = ids()
-    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+    torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
 
 
 def test_save_pretrained_read_by_transformers(tmp_path):
@@ -148,7 +148,7 @@ def test_save_pretrained_read_by_transformers(tmp_path):
     ours.save_pretrained(tmp_path)
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     x = ids()
-    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+    torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
     again = Transformer.from_pretrained(tmp_path)
     assert torch.equal(again(x), ours(x))
 
@@ -189,7 +189,7 @@ def test_real_smollm2_logits_and_generate(smollm2_dir):
     ours = Transformer.from_pretrained(smollm2_dir)
     assert ours.cfg.tie_embeddings and ours.cfg.n_kv_heads == 3
     x = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407]])
-    assert (ours(x) - hf_logits(ref, x)).abs().max() <= 1e-4
+    torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
     expected = ref.generate(x, max_new_tokens=16, do_sample=False, min_new_tokens=16)
     assert torch.equal(ours.generate(x, 16, temperature=0), expected)
 
@@ -215,7 +215,7 @@ def test_lora_trains_adapters_only_and_merges():
     want = base["model.layers.1.mlp.up_proj.weight"] + 2.0 * layer.lora_B @ layer.lora_A
     assert torch.allclose(merged["model.layers.1.mlp.up_proj.weight"], want)
     plain.load_state_dict(merged)
-    assert (plain(x) - m(x)).abs().max() < 1e-5
+    torch.testing.assert_close(plain(x), m(x), rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- bad input, one clear message each

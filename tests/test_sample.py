@@ -1,6 +1,9 @@
 """sample.py against model.generate run by hand: greedy and seeded sampling, prompt sources, streaming, bad input."""
 import io
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,8 +89,7 @@ def test_stream_holds_back_split_characters(monkeypatch):
 
     writes = []
     monkeypatch.setattr("sys.stdout", types.SimpleNamespace(write=writes.append, flush=lambda: None))
-    sample.stream(types.SimpleNamespace(generate=generate), tok, None, dict(max_new_tokens=5, temperature=0,
-                                                                            top_k=0, top_p=1.0))
+    sample.stream(types.SimpleNamespace(generate=generate), tok, None, sample.Config(max_new_tokens=5, temperature=0))
     assert "".join(writes) == "hé!\n" and not any("\ufffd" in w for w in writes)
     assert [w for w in writes if w] == ["h", "é", "!", "\n"]
 
@@ -95,17 +97,39 @@ def test_stream_holds_back_split_characters(monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--nucleus=0.9"], "unknown config key 'nucleus'"),
     (["--temperature=hot"], "'temperature'"),
-    (["--chat=maybe"], "'chat'"),
-    (["--dtype=float8"], "'dtype'"),
-    (["--ckpt=/nonexistent/ckpt"], "ckpt /nonexistent/ckpt: no such directory"),
+    (["--temperature=-1"], "config key 'temperature': expected >= 0, got -1.0"),
+    (["--top_k=-1"], "config key 'top_k': expected >= 0, got -1"),
+    (["--top_p=-1"], r"config key 'top_p': expected in \(0, 1\], got -1.0"),
+    (["--top_p=0"], r"config key 'top_p': expected in \(0, 1\]"),
+    (["--num_samples=0"], "config key 'num_samples': expected > 0"),
+    (["--chat=maybe"], "config key 'chat': expected auto | yes | no"),
+    (["--dtype=float8"], "config key 'dtype'"),
+    (["--device=bogus"], "config key 'device': expected cpu, cuda or cuda:N, got 'bogus'"),
+    (["--ckpt=/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint directory"),
     (["--prompt=FILE:/nonexistent/p.txt"], "prompt file /nonexistent/p.txt"),
     (["--max_new_tokens=0"], "no room to generate"),
 ])
-def test_bad_input_is_one_line(tiny, capsys, argv, message):
-    with pytest.raises(SystemExit) as e:
+def test_bad_input_is_one_clear_error(tiny, capsys, argv, message):
+    with pytest.raises((ValueError, OSError), match=message):
         run(capsys, f"--ckpt={tiny[0]}", "--prompt=hi", *argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count("\n") == 1 and err.startswith("sample.py: ")
+
+
+def test_bad_files_are_named(tiny, tmp_path, capsys):
+    (tmp_path / "p.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match="p.txt: not UTF-8 text"):
+        run(capsys, f"--ckpt={tiny[0]}", f"--prompt=FILE:{tmp_path / 'p.txt'}")
+    Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=100, hidden_dim=64)).save_pretrained(
+        tmp_path)
+    Tokenizer.byte_level().save(tmp_path)
+    with pytest.raises(ValueError, match="the tokenizer has 260 tokens, the model's vocab_size is only 100"):
+        run(capsys, f"--ckpt={tmp_path}", "--prompt=hi")
+
+
+def test_program_exits_2_with_one_line(tiny):
+    proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={tiny[0]}", "--prompt=hi", "--temperature=-1"],
+                          cwd=Path(sample.__file__).parent, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "sample.py: config key 'temperature': expected >= 0, got -1.0"
 
 
 def test_smollm2_chat_knows_paris(smollm2_dir, capsys):

@@ -1,16 +1,20 @@
 """train.py end to end on tiny configs: DDP == one process, resume == uninterrupted, LoRA merging, atomic checkpoints,
-compile, early errors on bad input, configure(), and the built-in task's two phases."""
+compile, the built-in task's two phases, and a user's mistakes: each refused up front with one clear line, or no run
+lost (a second run, init_from == out_dir, a changed --resume, Ctrl-C and SIGTERM)."""
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import model
 import train
 from data import Tokenizer, configure, prompt_ids
 from model import ModelConfig, Transformer, add_lora
@@ -103,8 +107,7 @@ def test_accumulation_must_divide_among_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")  # a 2-process job as train() sees it; the check runs before any collective
     monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
     monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
-    cfg = configure({k: getattr(train, k) for k in train.CONFIG_KEYS}, [*TINY, f"--out_dir={tmp_path}",
-                                                                       "--gradient_accumulation_steps=3"])
+    cfg = configure(train.Config(), [*TINY, f"--out_dir={tmp_path}", "--gradient_accumulation_steps=3"])
     with pytest.raises(ValueError, match="gradient_accumulation_steps=3 does not divide among 2 processes"):
         train.train(cfg)
     assert not (tmp_path / "log.jsonl").exists()
@@ -168,7 +171,7 @@ def test_builtin_resume_in_base_phase(tmp_path, monkeypatch):
 def test_lora_trains_adapters_and_merges_them(lora_straight, base_dir):
     base, merged, state = weights(base_dir), weights(lora_straight), train_state(lora_straight)
     # the adapters in the order train.py saves them: a fresh LoRA model's trainable parameters
-    fresh = add_lora(Transformer.from_pretrained(base_dir), 4, 8.0, tuple(train.lora_targets.split(",")))
+    fresh = add_lora(Transformer.from_pretrained(base_dir), 4, 8.0, tuple(train.Config().lora_targets.split(",")))
     names = [n for n, p in fresh.named_parameters() if p.requires_grad]
     assert len(names) == len(state["trainable"]) == 6  # A and B of gate, up, down in the one layer
     assert len(state["optimizer"]["state"]) == 6  # the optimizer holds nothing else
@@ -276,10 +279,11 @@ def test_crash_while_writing_keeps_old_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / ".ckpt-new").is_dir() and not (tmp_path / ".ckpt-new" / "COMPLETE").exists()
     assert_checkpoint(tmp_path, saved[0], 2)  # the old checkpoint, intact
     assert [r["iter"] for r in log_of(tmp_path)] == [0, 1, 2, 3]
-    run(tmp_path, "--max_iters=4", "--eval_interval=2", "--resume=True")  # the next start discards the partial save
+    log_before = log_of(tmp_path)
+    run(tmp_path, "--max_iters=4", "--eval_interval=2", "--resume=True")  # the next save discards the partial one
     assert not (tmp_path / ".ckpt-new").exists()
-    assert [r["iter"] for r in log_of(tmp_path)][4:] == [2, 3]  # it went on from the old checkpoint
-    assert train_state(tmp_path)["iter"] == 4
+    # it went on from the old checkpoint: iterations 2 and 3 ran again, and the log holds them once
+    assert untimed(log_of(tmp_path)) == untimed(log_before) and train_state(tmp_path)["iter"] == 4
 
 
 def test_crash_while_moving_rolls_forward(tmp_path, monkeypatch):
@@ -290,9 +294,9 @@ def test_crash_while_moving_rolls_forward(tmp_path, monkeypatch):
             raise Crash
         replace(src, dst)
 
-    monkeypatch.setattr(train.os, "replace", failing_replace)
+    monkeypatch.setattr(model.os, "replace", failing_replace)
     saved = crashing_run(tmp_path, monkeypatch, lambda n: armed.append(1) if n == 2 else None)
-    monkeypatch.setattr(train.os, "replace", replace)
+    monkeypatch.setattr(model.os, "replace", replace)
     assert (tmp_path / ".ckpt-new" / "COMPLETE").exists() and train_state(tmp_path)["iter"] == 2
     run(tmp_path, "--max_iters=4", "--eval_interval=2", "--resume=True")  # finishes the save, then has nothing to do
     assert not (tmp_path / ".ckpt-new").exists()
@@ -300,30 +304,104 @@ def test_crash_while_moving_rolls_forward(tmp_path, monkeypatch):
     assert [r["iter"] for r in log_of(tmp_path)] == [0, 1, 2, 3]  # no iteration ran again
 
 
-# ----------------------------------------------------------------------------- bad input
-def test_missing_data_file_exits_with_one_message(tmp_path):
+# ----------------------------------------------------------------------------- a user's mistakes
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device=tpu"], "config key 'device': expected cpu, cuda or cuda:N, got 'tpu'"),
+    (["--device=mps"], "config key 'device': expected cpu, cuda or cuda:N, got 'mps'"),
+    (["--device=meta"], "config key 'device': expected cpu, cuda or cuda:N, got 'meta'"),
+    pytest.param(["--device=cuda"], "config key 'device': 'cuda', but torch sees 0 CUDA GPU", marks=NO_GPU),
+    (["--dtype=float8"], "config key 'dtype': expected float32 | bfloat16 | float16, got 'float8'"),
+    (["--loss=dpo"], "config key 'loss': expected cut | sft | sft_all | hindsight | forward, got 'dpo'"),
+    (["--loss=dpo", "--base_iters=2"], "config key 'loss'"),  # refused before the base phase trains
+    (["--chat=maybe"], "config key 'chat': expected auto | yes | no, got 'maybe'"),
+    (["--task=hard"], "config key 'task': expected mixed | new, got 'hard'"),
+    (["--max_iter=3"], "unknown config key 'max_iter'.*known keys: .*max_iters"),
+    (["--max_iters=3.5"], "config key 'max_iters'.*expected int, got 3.5"),
+    (["--compile=1"], "config key 'compile'.*expected bool"),
+    (["--max_iters=0"], "config key 'max_iters': expected > 0, got 0"),
+    (["--max_iters=-2"], "config key 'max_iters': expected > 0, got -2"),
+    (["--gradient_accumulation_steps=0"], "config key 'gradient_accumulation_steps': expected > 0, got 0"),
+    (["--grad_clip=-1"], r"config key 'grad_clip': expected >= 0, got -1.0"),
+    (["--log_interval=0"], "config key 'log_interval': expected > 0"),
+    (["--eval_interval=0"], "config key 'eval_interval': expected > 0"),
+    (["--batch_size=0"], "config key 'batch_size': expected > 0"),
+    (["--dim=0"], "config key 'dim': expected > 0"),
+    (["--lam=0"], r"config key 'lam': expected >= 1"),
+    (["--lam=-1.5"], r"config key 'lam': expected >= 1"),
+    (["--val_frac=1"], r"config key 'val_frac': expected in \[0, 1\)"),
+    (["--out_dir="], "config key 'out_dir': expected a directory"),
+    (["--lora_rank=-2"], "config key 'lora_rank': expected >= 0"),
+    (["--lora_targets=gate_proj,foo"], "config key 'lora_targets': expected names from q_proj,"),
+    (["--lora_targets=foo"], "config key 'lora_targets'"),
+    (["--lora_rank=4"], "lora_rank > 0 needs a pretrained init_from"),
+    (["--resume=True"], "no checkpoint to resume"),
+    (["--init_from=/nonexistent/model"], "init_from /nonexistent/model: no such checkpoint directory"),
+    (["--data=/nonexistent/triples.jsonl"], "data /nonexistent/triples.jsonl: no such triples file"),
+])
+def test_bad_settings_fail_before_anything_is_written(tmp_path, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, OSError), match=message):
+        run(out, "--max_iters=2", *argv)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_files_fail_with_one_line_naming_them(tmp_path, base_dir):
+    cases = {"list.json": ("[1, 2]", "config file .*list.json: expected a JSON object of settings, got list"),
+             "latin1.jsonl": (b'{"instruction": "caf\xe9", "response": "a", "judgment": null}\n',
+                              r"latin1.jsonl: not UTF-8 text \(invalid continuation byte at byte 20\)"),
+             "wrapped.json": ('{"data": [\n{"instruction": "q", "response": "a", "judgment": null}\n]}',
+                              r"wrapped.json: one JSON object; expected a list of records, or JSONL")}
+    for name, (content, message) in cases.items():
+        f = tmp_path / name
+        f.write_bytes(content) if isinstance(content, bytes) else f.write_text(content)
+        argv = [str(f)] if name == "list.json" else [f"--data={f}"]
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path / "out", "--max_iters=2", *argv)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="out_dir .*a_file: a file, not a directory"):
+        run(tmp_path / "a_file", "--max_iters=2")
+    with pytest.raises(ValueError, match="out_dir and init_from are both .*: training would overwrite"):
+        run(base_dir, f"--init_from={base_dir}", "--max_iters=2")
+    with pytest.raises(ValueError, match="max_len 400 exceeds the model's max_seq_len 161"):
+        run(tmp_path / "out", f"--init_from={base_dir}", "--max_len=400", "--max_iters=2")
+    small = tmp_path / "small"  # a tokenizer with more tokens than the model's embedding has rows
+    Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=200, hidden_dim=96)).save_pretrained(
+        small)
+    Tokenizer.byte_level().save(small)
+    with pytest.raises(ValueError, match=f"{small}: the tokenizer has {VOCAB} tokens, the model's vocab_size is only 200"):
+        run(tmp_path / "out", f"--init_from={small}", "--max_iters=2")
+    (small / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not a valid JSON file"):
+        run(tmp_path / "out", f"--init_from={small}", "--max_iters=2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bom_file_and_failed_judge_calls_in_every_format(tmp_path):
+    f = tmp_path / "bom.jsonl"
+    records = [{"instruction": f"Sort: c, a{i}", "response": "a, c", "judgment": "$ERROR$" if i < 3 else None}
+               for i in range(12)]
+    f.write_text("\ufeff" + "\n".join(map(json.dumps, records)), encoding="utf-8")
+    out = run(tmp_path / "out", f"--data={f}", "--max_iters=1")
+    assert train_state(out)["iter"] == 1
+
+
+def test_program_exits_2_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", *TINY, "--data=/nonexistent/triples.jsonl",
                            f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env=SUBPROCESS_ENV)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == "train.py: /nonexistent/triples.jsonl: no such triples file"
-    assert not (tmp_path / "log.jsonl").exists()
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "train.py: data /nonexistent/triples.jsonl: no such triples file"
 
 
-@pytest.mark.parametrize("argv, error, message", [
-    (["--device=tpu"], ValueError, "unknown device 'tpu'"),
-    (["--dtype=float8"], ValueError, "unknown dtype 'float8'"),
-    (["--loss=dpo"], ValueError, "unknown loss 'dpo'"),
-    (["--chat=maybe"], ValueError, "config key 'chat': expected 'auto', 'yes' or 'no', got 'maybe'"),
-    (["--max_iter=3"], ValueError, "unknown config key 'max_iter'.*known keys: .*max_iters"),
-    (["--max_iters=3.5"], ValueError, "config key 'max_iters'.*expected int, got 3.5"),
-    (["--compile=1"], ValueError, "config key 'compile'.*expected bool"),
-    (["--resume=True"], FileNotFoundError, "train_state.pt"),
-])
-def test_bad_config_fails_before_training(tmp_path, argv, error, message):
-    with pytest.raises(error, match=message):
-        run(tmp_path, "--max_iters=2", *argv)
-    assert not (tmp_path / "log.jsonl").exists()
+def test_full_disk_during_a_save_is_one_clear_error(tmp_path, monkeypatch):
+    def full(*a):
+        raise OSError(28, "No space left on device", str(tmp_path / ".ckpt-new" / "model.safetensors"))
+    monkeypatch.setattr(model, "write_safetensors", full)
+    with pytest.raises(OSError, match="No space left on device: .*model.safetensors"):
+        run(tmp_path, "--max_iters=2")
 
 
 def test_data_without_usable_triples(tmp_path):
@@ -340,54 +418,87 @@ def test_data_without_usable_triples(tmp_path):
     assert not (tmp_path / "log.jsonl").exists()
 
 
-# ----------------------------------------------------------------------------- configure
-DEFAULTS = {"out_dir": "out", "lam": 1.1, "max_iters": 300, "compile": False, "j_pos": ""}
+def test_no_validation_split_logs_no_val_loss(tmp_path):
+    out = run(tmp_path, "--val_frac=0", "--max_iters=2", "--eval_interval=1")
+    assert all("val_loss" not in r for r in log_of(out)) and len(log_of(out)) == 2
 
 
-def test_configure_file_then_flags(tmp_path):
-    file = tmp_path / "run.json"
-    file.write_text(json.dumps({"lam": 2, "max_iters": 10, "out_dir": "a"}))
-    cfg = configure(DEFAULTS, [str(file), "--max_iters=20", "--j_pos=Good answer."])
-    assert cfg == {"out_dir": "a", "lam": 2.0, "max_iters": 20, "compile": False, "j_pos": "Good answer."}
-    assert type(cfg["lam"]) is float and DEFAULTS["max_iters"] == 300  # int taken for float; defaults untouched
-    assert configure(DEFAULTS, ["--max_iters=5", str(file)])["max_iters"] == 10  # later wins
-    assert configure(DEFAULTS, ["--lam=1", "--lam=-0.5e-1"])["lam"] == -0.05
+# ----------------------------------------------------------------------------- no run lost
+def test_a_second_run_never_overwrites_the_first(tmp_path):
+    first = run(tmp_path, "--max_iters=3")
+    before = (log_of(first), weights(first))
+    (first / "eval_task.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a run already: resume it with --resume=True, choose another "
+                                         "--out_dir, or pass --overwrite=True to delete it"):
+        run(tmp_path, "--max_iters=2", "--loss=sft_all")
+    assert log_of(first) == before[0] and all(torch.equal(weights(first)[k], v) for k, v in before[1].items())
+    run(tmp_path, "--max_iters=2", "--loss=sft_all", "--overwrite=True")
+    assert [r["iter"] for r in log_of(tmp_path)] == [0, 1] and train_state(tmp_path)["config"]["loss"] == "sft_all"
+    assert not (first / "eval_task.json").exists()  # nothing of the first run is left beside the new model
 
 
-@pytest.mark.parametrize("flag, value", [("True", True), ("true", True), ("False", False), ("false", False)])
-def test_configure_bools(flag, value):
-    assert configure(DEFAULTS, [f"--compile={flag}"])["compile"] is value
+def test_a_second_builtin_run_is_refused_before_its_base_phase(tmp_path):
+    run(tmp_path, "--base_iters=2", "--max_iters=2")
+    base_log = log_of(tmp_path / "base")
+    with pytest.raises(ValueError, match="holds a run already"):
+        run(tmp_path, "--base_iters=3", "--max_iters=2")
+    assert log_of(tmp_path / "base") == base_log
 
 
-@pytest.mark.parametrize("text", ["123", "1e3", "True", "None", "[1, 2]", "'quoted'", "", "gate_proj,up_proj"])
-def test_configure_str_takes_text_verbatim(text):
-    assert configure(DEFAULTS, [f"--out_dir={text}"])["out_dir"] == text
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--max_iters=1.5"], "'max_iters'.*expected int, got 1.5"),
-    (["--max_iters=True"], "'max_iters'.*expected int, got True"),
-    (["--max_iters=ten"], "'max_iters'.*expected int, got 'ten'"),
-    (["--lam=yes"], "'lam'.*expected float"),
-    (["--compile=1"], "'compile'.*expected bool, got 1"),
-    (["--compile=yes"], "'compile'.*expected bool"),
-    (["--nope=1"], r"unknown config key 'nope' \(from --nope=1\); known keys: out_dir, lam, max_iters, compile, j_pos"),
-    (["--lam"], "argument '--lam': expected --key=value"),
-    (["missing.json"], "config file missing.json"),
+@pytest.mark.parametrize("argv, difference", [
+    (["--lam=2"], "lam 1.0 -> 2.0"),
+    (["--loss=sft_all"], "loss 'cut' -> 'sft_all'"),
+    (["--dim=64"], "dim 32 -> 64"),
+    (["--seed=3"], "seed 1337 -> 3"),
+    (["--batch_size=8", "--task_size=300"], "batch_size 4 -> 8; task_size 200 -> 300"),
 ])
-def test_configure_errors(argv, message):
-    with pytest.raises(ValueError, match=message):
-        configure(DEFAULTS, argv)
+def test_resume_refuses_other_settings(straight, argv, difference):
+    state = (log_of(straight), train_state(straight)["iter"])
+    with pytest.raises(ValueError, match=re.escape(difference) + r".*resume with the run's settings"):
+        run(straight, "--max_iters=6", "--eval_interval=3", *argv, "--resume=True")
+    assert (log_of(straight), train_state(straight)["iter"]) == state
 
 
-def test_configure_file_errors(tmp_path):
-    bad = tmp_path / "bad.json"
-    for text, message in [('{"max_iters": "10"}', "'max_iters' \\(from .*bad.json\\): expected int, got '10'"),
-                          ('{"nope": 1}', "unknown config key 'nope' \\(from .*bad.json\\); known keys"),
-                          ('{"lam": ', "config file .*bad.json")]:
-        bad.write_text(text)
-        with pytest.raises(ValueError, match=message):
-            configure(DEFAULTS, [str(bad)])
+def test_resume_refuses_other_data_or_lora_settings(tmp_path, base_dir):
+    data = tmp_path / "t.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": f"Sort: c, a{i}", "response": "a, c", "judgment": None})
+                              for i in range(12)))
+    out = run(tmp_path / "out", f"--data={data}", f"--init_from={base_dir}", *LORA, "--max_iters=2")
+    data.write_text(data.read_text() + "\n" + json.dumps({"instruction": "x", "response": "y", "judgment": None}))
+    for argv, difference in [([], "data_sha256"), (["--lora_rank=8"], "lora_rank 4 -> 8"),
+                             (["--lora_targets=q_proj"], "lora_targets 'gate_proj,up_proj,down_proj' -> 'q_proj'"),
+                             ([f"--init_from={tmp_path}"], "init_from")]:
+        with pytest.raises(ValueError, match=re.escape(difference)):
+            run(out, f"--data={data}", f"--init_from={base_dir}", *LORA, "--max_iters=4", *argv, "--resume=True")
+
+
+def test_resume_may_extend_max_iters(straight, tmp_path):
+    shutil.copytree(straight, tmp_path / "longer")
+    longer = run(tmp_path / "longer", "--max_iters=8", "--eval_interval=3", "--resume=True")
+    assert [r["iter"] for r in log_of(longer)] == list(range(8)) and train_state(longer)["iter"] == 8
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_and_the_run_resumes_exactly(tmp_path, sig):
+    argv = [*TINY, "--max_iters=300", "--eval_interval=1000", "--log_interval=1"]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "train.py", *argv, f"--out_dir={out}"], cwd=ROOT, env=SUBPROCESS_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "log.jsonl").exists() or len(log_of(out)) < 3:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, _ = proc.communicate(timeout=60)
+    stopped_at = train_state(out)["iter"]
+    assert proc.returncode == 128 + sig and 3 <= stopped_at < 300
+    assert (f"stopped by {sig.name} after iteration {stopped_at}; the checkpoint is in {out}. Resume with: "
+            f"python train.py {' '.join(argv)} --out_dir={out} --resume=True") in stdout
+    assert [r["iter"] for r in log_of(out)] == list(range(stopped_at))
+    train.main([*argv, f"--out_dir={out}", "--resume=True"])
+    straight = train.main([*argv, f"--out_dir={tmp_path / 'straight'}"])["out_dir"]
+    assert untimed(log_of(out)) == untimed(log_of(straight))
+    a, b = weights(out), weights(straight)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------- the built-in default
@@ -415,8 +526,9 @@ def test_explicit_positive_judgment_takes_its_own_pass():
     torch.manual_seed(0)
     tok = Tokenizer.byte_level()
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64, vocab_size=tok.n_vocab))
-    enc = encode_triples(tok, make_task(6, seed=0, flawed_frac=0.5), "cut", 160, chat=True, j_pos="Fine.", verbose=False)
-    cfg = dict(loss="cut", lam=1.0, alpha=1.0, gamma=0.0)
+    enc = encode_triples(tok, make_task(6, seed=0, flawed_frac=0.5), "cut", 160, chat=True, j_pos="Fine.",
+                         verbose=False)
+    cfg = train.Config(loss="cut", lam=1.0, alpha=1.0, gamma=0.0)
     loss, _, _ = train.forward_loss(model, enc, cfg, tok.eos_id, "cpu", nullcontext())
     b = collate(enc, tok.eos_id)
     with torch.no_grad():
