@@ -2,7 +2,7 @@
 
     python compare.py --jobs=2        # out/compare/compare.{json,md}, figures/compare.svg and figures/curves.svg
 
-One base model (train.py's base phase) is fine-tuned by every method in two regimes (docs/method.md says why):
+One base model (train.py's base phase) is fine-tuned by every method in two regimes (docs/cut.md says why):
   mixed  the base's own answer format, 80% of the responses flawed: the authors' online-iteration mix;
   new    a format that the base never writes, every response flawed: the paper's Shepherd setting.
 For each method the learning rate (and lambda for cut) comes from one grid and the number of steps from one
@@ -97,6 +97,18 @@ def train_args(base, regime, method, lr, lam, seed, c):
             f"--seed={seed}", "--eval_interval=1000", *([] if lam is None else [f"--lam={lam}"]), *c.train_args.split()]
 
 
+def choose(grid):
+    """{(regime, method): its settings}: the best validation point of each method over the grid and the schedule;
+    ties go to fewer steps, then to the smaller learning rate and lambda."""
+    chosen = {}
+    for g in grid:
+        for p in g["curve"]:
+            key, point = (g["regime"], g["method"]), (p[METRIC[g["regime"]]], -p["step"], -g["lr"], -(g["lam"] or 0))
+            if key not in chosen or point > chosen[key][0]:
+                chosen[key] = (point, dict(step=p["step"], lr=g["lr"], lam=g["lam"], val=point[0]))
+    return {k: v for k, (_, v) in chosen.items()}
+
+
 def compare(c):
     runner, root = Runner(c), Path(c.out_dir).resolve()
     stages, lrs, lams = [int(s) for s in c.stages.split(",")], floats(c.lrs), floats(c.lams)
@@ -124,14 +136,8 @@ def compare(c):
     with ThreadPoolExecutor(c.jobs) as pool:
         list(pool.map(run_grid, grid))
 
-    # 2. each method's settings: the best validation point over the grid and the schedule (ties: fewer steps)
-    chosen = {}
-    for regime, methods in METHODS.items():
-        for method in methods:
-            points = [(p[METRIC[regime]], -p["step"], g["lr"], g["lam"] or 0) for g in grid
-                      if (g["regime"], g["method"]) == (regime, method) for p in g["curve"]]
-            score, step, lr, lam = max(points)
-            chosen[regime, method] = dict(step=-step, lr=lr, lam=lam or None, val=score)
+    # 2. each method's settings: its best validation point over the grid and the schedule
+    chosen = choose(grid)
     lam_u = {r: chosen[r, "cut"]["lam"] for r in METHODS}  # U of every method is measured at cut's lambda
 
     # 3. the test split, once, at the chosen settings, for every seed
@@ -168,7 +174,8 @@ def summarize(result):
             vals = [t[key] for t in ts]
             mean = {k: statistics.fmean(t[k] for t in ts if t[k] is not None) if any(t[k] is not None for t in ts)
                     else None for k in COLUMNS}
-            rows.append(dict(regime=regime, method=ch["method"], lr=ch["lr"], lam=ch["lam"], step=ch["step"],
+            rows.append(dict(regime=regime, method=ch["method"], lr=f"{ch['lr']:g}",
+                             lam=None if ch["lam"] is None else f"{ch['lam']:g}", step=ch["step"],
                              seeds=len(ts), **mean, spread=f"± {statistics.pstdev(vals):.3f} "
                                                           f"({min(vals):.3f}–{max(vals):.3f})"))
     return rows
@@ -191,11 +198,11 @@ def report(result):
           "\n## Validation: cut's lambda sweep (best step and learning rate for each lambda)\n"]
     sweep = []
     for regime in METHODS:
-        for lam in floats(result["config"]["lams"]):
+        for lam in sorted({g["lam"] for g in result["grid"] if (g["regime"], g["method"]) == (regime, "cut")}):
             pts = [(p[METRIC[regime]], g["lr"], p) for g in result["grid"] if (g["regime"], g["method"], g["lam"])
                    == (regime, "cut", lam) for p in g["curve"]]
             best = max(pts, key=lambda x: x[0])
-            sweep.append(dict(regime=regime, lam=lam, lr=best[1], **{k: best[2][k] for k in ("step", *COLUMNS)}))
+            sweep.append(dict(regime=regime, lam=f"{lam:g}", lr=f"{best[1]:g}", **{k: best[2][k] for k in ("step", *COLUMNS)}))
     md.append(table(sweep, ["regime", "lam", "lr", "step", "accuracy", "swap", "missing", "new_format",
                             "ok_new_format", "frac_unlikely", "U_precision", "U_recall"]))
     md.append("\n## Validation curves at the chosen learning rate (and lambda): the selection metric per step\n")

@@ -1,8 +1,8 @@
-"""CUT's loss, as written in method.md ("The loss"): log-probs of the response tokens -> L_CUT = L1 + L2.
+"""CUT's loss (arXiv 2312.14591, Eqs. 5-8; docs/cut.md): log-probs of the response tokens -> L_CUT = L1 + L2.
 
 Pure torch: no model, no tokenizer. Shapes: R sequences (rows) of a batch, T positions, V vocabulary,
 B triples, N response tokens per row, left-aligned (column t = t-th token of y, EOS included), and a
-float `mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is method.md's N.
+float `mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is the paper's N.
 """
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ def cut_loss(logp_x, logp_j, is_neg, mask, lam=1.1, alpha=1.0, gamma=0.0, logp_p
 
 
 def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, logp_pos=None):
-    """The loss of `mode` (method.md: CUT and its baselines) on the rows of one batch. Returns (loss, stats).
+    """The loss of `mode` (CUT or a baseline of the paper) on the rows of one batch. Returns (loss, stats).
 
     logp, mask (R, N) from response_logprobs. For 'cut', triple b has its x -> y row x_rows[b] and its
     [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For 'forward',

@@ -2,7 +2,7 @@
 
 model.py turns ids into logits and cut_loss.py turns response log-probs into a loss; this file is everything
 before the model: read (instruction, response, judgment) triples, tokenize them into the Align-P, Align-N and
-Misalign sequences of method.md, and pad them into one batch.
+Misalign sequences of the paper (docs/cut.md), and pad them into one batch.
 """
 import ast
 import base64
@@ -441,7 +441,7 @@ def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None
 
 def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: int, chat: bool = False,
                    j_pos: str | None = None, verbose=True) -> list[Encoded]:
-    """The sequences each loss mode trains on (method.md); max_len bounds a row's model input (T <= max_len)."""
+    """The sequences each loss mode trains on (docs/cut.md); max_len bounds a row's model input (T <= max_len)."""
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {LOSS_MODES}")
     if j_pos is not None and mode != "cut":
@@ -520,15 +520,9 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
 # ----------------------------------------------------------------------------- the built-in judgment task
 # Letter sorting: "Sort these letters alphabetically: h, d, j, a" -> "a, d, h, j". Flawed responses carry one
 # systematic mistake (the last two letters swapped) or, more rarely, a letter left out. Text is ASCII, so with the
-# byte-level tokenizer a char offset in a response is its token position. docs/method.md says why it is built so.
-TASK_INSTRUCTIONS = (
-    "Sort these letters alphabetically: {}",
-    "Put these letters in alphabetical order: {}",
-    "Alphabetize the following letters: {}",
-    "Please sort the letters {} in alphabetical order.",
-    "Arrange in alphabetical order: {}",
-    "Can you sort {} alphabetically?",
-)
+# byte-level tokenizer a char offset in a response is its token position. docs/cut.md says why it is built so.
+TASK_INSTRUCTIONS = ("Sort these letters: {}", "Alphabetize: {}", "Put in alphabetical order: {}",
+                     "Please sort {} alphabetically.", "Order these letters: {}", "Can you sort {}?")
 TASK_RESPONSES = ("{}", "{}.", "Sorted: {}.", "In alphabetical order: {}", "Here they are in order: {}.",
                   "The sorted letters are {}.")
 # words that no judgment speaks about: on them p(y_t | x, j-) stays near p(y_t | x) < 1, as in real responses
@@ -537,7 +531,7 @@ TASK_REMARKS = ("", "", " Hope this helps!", " Done.", " Let me know if you need
 NEW_OPENINGS = ("Sure! Here is the sorted list:", "Of course. In order:", "Here you go:", "Sorted, as requested:")
 NEW_CLOSINGS = ("Hope this helps!", "All done.", "Let me know if you need more.", "Happy sorting!")
 NEW_FORMAT = re.compile(r"[^\n]+\n[a-z](?:, [a-z])*\n[^\n]+")
-# Judgments name the kind and place of the mistake, never the letters: naming them made U flood (evidence-notes 3).
+# Judgments name the kind and place of the mistake, never the letters: naming them makes every token likelier.
 TASK_JUDGMENTS = {
     "swap": ("The last two letters are in the wrong order.", "Close, but the final pair is swapped.",
              "Everything is in order except the end: the last two should trade places.",
@@ -632,7 +626,7 @@ def make_task(n, seed=0, kind="mixed", flawed_frac=0.8, split="train"):
                 del answer[rng.randrange(len(answer))]
             else:
                 answer[-2], answer[-1] = answer[-1], answer[-2]
-        elif kind == "base" and len(letters) >= 5 and rng.random() < 0.5:
+        elif kind == "base" and len(letters) >= 5 and rng.random() < 0.25:
             answer[-2], answer[-1] = answer[-1], answer[-2]
         if kind == "new":
             response = f"{rng.choice(NEW_OPENINGS)}\n{', '.join(answer)}\n{rng.choice(NEW_CLOSINGS)}"
@@ -659,7 +653,7 @@ RULES = {"lam": (lambda v: v >= 1, ">= 1 (U holds the tokens whose probability r
          **{k: (lambda v: v > 0, "> 0") for k in (
              "max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "task_size",
              "n_layers", "n_heads", "dim", "max_len", "learning_rate", "base_lr", "lora_alpha", "num_samples",
-             "n_eval", "n_online", "temperature_online")},
+             "n_eval", "n_online")},
          **{k: (lambda v: v >= 0, ">= 0") for k in (
              "warmup_iters", "base_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank", "alpha", "gamma",
              "temperature", "top_k", "max_new_tokens", "n_alpaca")}}

@@ -46,12 +46,11 @@ class Config:  # every key can be set by --key=value or a JSON config file
     eval_seed: int = 10_000
     n_online: int = 1000          # 'online': new instructions to answer
     online_seed: int = 20_000
-    online_temperature: float = 1.0  # sampled, so that the samples show mistakes to judge
     alpaca_file: str = ""         # 'alpaca': AlpacaEval's instructions (a JSON list of {instruction, ...})
     n_alpaca: int = 0             # the first n AlpacaEval instructions, 0 = all
     generator: str = ""           # the model's name in AlpacaEval's outputs; '' = the checkpoint's directory name
-    temperature: float = 0.0      # 'alpaca' (0: greedy; 'task' is always greedy)
-    max_new_tokens: int = 0       # 0: 80 on the built-in task, 512 for 'alpaca'
+    temperature: float = 1.0      # 'task' and 'online' sample the model's answers (0: greedy); 'alpaca' is greedy
+    max_new_tokens: int = 0       # 0: 96 on the built-in task, 512 for 'alpaca'
     seed: int = 1337              # 'triples': the split when ckpt is not a train.py run (else the run's own)
     val_frac: float = 0.05
     batch_size: int = 32          # prompts or triples per forward; lower it for long texts and large vocabularies
@@ -130,7 +129,8 @@ def markdown(rows, columns):
 def task_eval(model, tok, chat, c):
     """The built-in task: greedy answers to the split's instructions, and U on held-out flawed responses."""
     instructions = [t.instruction for t in make_task(c.n_eval, seed=c.eval_seed, split=c.split)]
-    responses = generate_responses(model, tok, chat, instructions, c, 0, c.max_new_tokens or 80)
+    torch.manual_seed(c.seed)  # the same samples for the same model
+    responses = generate_responses(model, tok, chat, instructions, c, c.temperature, c.max_new_tokens or 96)
     kinds = [check_response(i, r).kind for i, r in zip(instructions, responses)]
     new_format = [bool(NEW_FORMAT.fullmatch(r)) for r in responses]
     result = {"accuracy": kinds.count("ok") / len(kinds), "swap": kinds.count("swap") / len(kinds),
@@ -218,14 +218,14 @@ def alpaca(c):
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
             raise ValueError(f"{c.alpaca_file}: record {i}: no string field 'instruction'")
     instructions, name = [r["instruction"] for r in records], c.generator or Path(c.ckpt).resolve().name
-    outputs = generate_responses(*load(c.ckpt, c), instructions, c, c.temperature, c.max_new_tokens or 512)
+    outputs = generate_responses(*load(c.ckpt, c), instructions, c, 0, c.max_new_tokens or 512)
     return [{"instruction": i, "output": o, "generator": name} for i, o in zip(instructions, outputs)]
 
 
 def online(c):
     instructions = [t.instruction for t in make_task(c.n_online, seed=c.online_seed)]
     torch.manual_seed(c.seed)
-    responses = generate_responses(*load(c.ckpt, c), instructions, c, c.online_temperature, c.max_new_tokens or 80)
+    responses = generate_responses(*load(c.ckpt, c), instructions, c, c.temperature, c.max_new_tokens or 96)
     records = [{"instruction": i, "response": r, "judgment": check_response(i, r).judgment}
                for i, r in zip(instructions, responses)]
     print(f"accuracy of the samples: {sum(not r['judgment'] for r in records) / len(records):.3f}")

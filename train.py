@@ -39,7 +39,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     init_from: str = "scratch"    # 'scratch' or a checkpoint directory (Hugging Face, Meta, or a train.py out_dir)
     data: str = "builtin"         # a triples file (.json / .jsonl), or 'builtin': the built-in judgment task
     loss: str = "cut"             # cut, sft, sft_all, hindsight, forward
-    lam: float = 1.5              # token detection: U = {t : p_n(t) - lam * p_p(t) > 0} (paper Eq. 4)
+    lam: float = 1.5              # token detection: U = {t : p_n(t) - lam * p_p(t) > 0} (paper Eq. 5)
     alpha: float = 1.0            # unlikelihood weight
     gamma: float = 0.0            # dynamic weighting exponent, paper Eq. 6 (0: the authors' code)
     j_pos: str = ""               # an explicit positive judgment j+; '' = no judgment (the authors' choice)
