@@ -260,9 +260,333 @@ def bench_train(args):
     bench_train_tokens(args)
 
 
+# ----------------------------------------------------------------------------- memory: per-GPU memory of a CUT step
+
+LLAMA_SHAPES = {  # the Hugging Face configs (head_dim 128, vocabulary 128256)
+    "Llama-3.2-1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, tie_embeddings=True),
+    "Llama-3.2-3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, tie_embeddings=True),
+    "Llama-3.1-8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336),
+    "Llama-3.1-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
+}
+SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                    tie_embeddings=True)
+TABLE_BATCH = dict(rows=8, seq=1024, trained=4096)  # per GPU: 4 CUT triples = 8 rows of 1024 tokens, half of them y
+TABLE_MODES = {"LoRA + DDP": dict(mode="lora", ddp=True), "full + DDP": dict(mode="full", ddp=True),
+               "full + FSDP": dict(mode="fsdp"), "full + FSDP + grad_ckpt": dict(mode="fsdp", grad_ckpt=True)}
+LORA_RANK = 16  # on train.py's default targets: gate_proj, up_proj, down_proj
+
+
+def llama_config(shape, **overrides):
+    from model import ModelConfig
+    return ModelConfig(**{"vocab_size": 128256, **shape, **overrides})
+
+
+def param_counts(cfg):
+    """Parameters of the model (tied weights once), its linear layers' weights, one block, the lm_head, LoRA's."""
+    from model import Transformer, add_lora
+    with torch.device("meta"):
+        m = Transformer(cfg)
+        total = sum(p.numel() for p in m.parameters())
+        linear = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
+        block = sum(p.numel() for p in m.model.layers[0].parameters())
+        add_lora(m, LORA_RANK, 2.0 * LORA_RANK)
+        lora = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    return dict(total=total, linear=linear, block=block, head=cfg.vocab_size * cfg.dim, lora=lora)
+
+
+def step_memory(cfg, mode, rows, seq, trained, gpus=1, ddp=False, grad_ckpt=False, chunk=None):
+    """Predicted peak bytes of one CUT step (forward, backward, AdamW) on one process, from the parameter counts and
+    the dtypes train.py uses with dtype=bfloat16. mode: 'full' (fp32 weights, bf16 autocast), 'lora' (bf16 base,
+    fp32 adapters), 'fsdp' (fp32 shards over gpus, bf16 compute, fp32 reduction). The peak comes at the start of
+    backward (activations, logits, the lm_head's gradient) or at its end (all gradients): persistent + the larger."""
+    from model import LOGIT_CHUNK
+    n = param_counts(cfg)
+    P, d, q, kv, h = n["total"], cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
+    tokens, attn = rows * seq, 4 * q + 4 * kv + 4 * cfg.n_heads  # rotated q, k; v; the output (o_proj's input); lse
+    per_layer = {"full": 26 * d + attn + 8 * h,  # fp32 residual, norm inputs and outputs; bf16 copies of linear inputs
+                 "fsdp": 16 * d + attn + 8 * h,  # bf16 residual, the norms' fp32 copies, one bf16 input per linear
+                 "lora": 10 * d + attn + 8 * h + 6 * LORA_RANK}[mode]  # frozen linears save no input
+    if grad_ckpt:  # each block's input, plus one block recomputed at a time
+        acts = cfg.n_layers * tokens * (4 if mode == "full" else 2) * d + tokens * per_layer
+    else:
+        acts = cfg.n_layers * tokens * per_layer
+    block = trained if chunk == 0 else min(trained, chunk or LOGIT_CHUNK)  # chunk 0: the (n, V) logits at once
+    logits = 12 * cfg.vocab_size * block  # fp32 log-softmax, its gradient in and out
+    if mode == "full":  # other: autocast's bf16 copies of the linear weights, kept for backward
+        m = dict(weights=4 * P, grads=4 * P, adamw=8 * P, other=2 * n["linear"] + 6 * n["head"])
+        end = 4 * n["head"]  # the embedding's dense gradient, before it is added
+    elif mode == "lora":
+        m = dict(weights=2 * P + 4 * n["lora"], grads=4 * n["lora"], adamw=8 * n["lora"], other=2 * n["lora"])
+        end = 0
+    else:  # other: the root (embeddings, lm_head) and two blocks gathered in bf16; a block's and the head's gradients
+        root = P - cfg.n_layers * n["block"]
+        m = dict(weights=4 * P / gpus, grads=4 * P / gpus, adamw=8 * P / gpus,  # block: 2 x 2 gathered, 2 + 4 grads
+                 other=2 * root + 10 * n["block"] + 2 * n["head"])
+        end = 8 * root  # the root's gradients in bf16 and fp32 for the reduce-scatter, its parameters
+    m["activations"] = acts + logits
+    held = m["weights"] + m["adamw"] + (m["grads"] if ddp or mode == "fsdp" else 0)  # DDP's buckets keep the grads
+    m["peak"] = held + max(m["other"] + m["activations"], end + (0 if ddp or mode == "fsdp" else m["grads"]))
+    return m
+
+
+MEMORY_CHILD = r"""
+import json, sys
+import torch
+from cut_loss import batch_loss, response_logprobs
+from model import ModelConfig, Transformer, add_lora
+import model
+a = json.loads(sys.argv[1])
+torch.manual_seed(0)
+cfg = ModelConfig(**a["cfg"], max_seq_len=a["seq"])
+idx = torch.randint(0, cfg.vocab_size, (a["rows"], a["seq"]))
+targets = torch.full_like(idx, -100)
+targets[:, -a["trained"] // a["rows"]:] = idx.roll(-1, 1)[:, -a["trained"] // a["rows"]:]
+rows = torch.arange(a["rows"])
+def rss(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+def step(m, opt):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # train.py with dtype=bfloat16
+        out = m(idx, keep=targets != -100) if a["chunk"] == 0 else m(idx, targets=targets)  # 0: train.py before
+        logp, mask = response_logprobs(out, targets)
+        del out  # as in train.forward_loss: nothing else holds the logits
+        loss, _ = batch_loss("cut", logp, mask, rows[0::2], rows[1::2], rows[0::2] >= 0, 1.5, 1.0, 0.0)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+warm = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=cfg.vocab_size))
+step(warm, torch.optim.AdamW(warm.parameters()))  # oneDNN's kernels and autograd's threads: not the step's memory
+del warm
+base = rss("VmRSS")
+model.LOGIT_CHUNK = a["chunk"] or model.LOGIT_CHUNK
+m = Transformer(cfg)
+if a["mode"] == "lora":  # train.py's LoRA: a bf16 base, fp32 adapters
+    m = add_lora(m.to(torch.bfloat16), a["lora_rank"], 2.0 * a["lora_rank"])
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+m.grad_ckpt = a["grad_ckpt"]
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, fused=True)
+step(m, opt)  # the first step creates AdamW's state; the second is the steady state
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+step(m, opt)
+print(json.dumps(dict(peak=rss("VmHWM") - base)))
+"""
+
+
+def measure_step(cfg, mode, rows, seq, trained, grad_ckpt=False, chunk=None):
+    """Peak RSS above a warmed-up baseline over a steady-state CUT step in a fresh interpreter, bytes. Allocations
+    over 64 KiB are mmapped, so memory freed is returned at once and the peak is the live tensors'. chunk: as in
+    step_memory (None: model.LOGIT_CHUNK; 0: model(idx, keep=...), the whole (n, V) logits at once)."""
+    from dataclasses import asdict
+    arg = dict(cfg={k: v for k, v in asdict(cfg).items() if k not in ("head_dim", "max_seq_len")}, mode=mode, rows=rows,
+               seq=seq, trained=trained, grad_ckpt=grad_ckpt, chunk=chunk, lora_rank=LORA_RANK)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(arg)], cwd=HERE, capture_output=True, text=True,
+                       env=env)
+    if r.returncode:
+        sys.exit(f"bench.py: the memory measurement failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak"]
+
+
+def print_memory_table():
+    b = TABLE_BATCH
+    print(f"Per-GPU memory of a CUT step in GB (1e9 bytes), predicted by step_memory: train.py with "
+          f"--dtype=bfloat16, AdamW, 8 GPUs,\n{b['rows']} sequences x {b['seq']} tokens per GPU ({b['trained']} of "
+          f"them response tokens: --batch_size={b['rows'] // 2} CUT triples, --max_len={b['seq']}), "
+          f"gradient_accumulation_steps=1, LoRA rank {LORA_RANK} on gate/up/down_proj.\n'other': autocast's bf16 "
+          f"copies of the weights and the lm_head's gradient (full + DDP), or FSDP's gathered root and blocks and "
+          f"their unsharded gradients.\npeak: weights + AdamW (+ gradients, which DDP's buckets and FSDP's shards "
+          f"hold) + the larger of other + activations and the end of backward.\n")
+    head = ("model", "params", "setup", "weights", "grads", "AdamW", "other", "activations", "peak / GPU")
+    lines = []
+    for name, shape in LLAMA_SHAPES.items():
+        cfg = llama_config(shape)
+        for setup, kw in TABLE_MODES.items():
+            m = step_memory(cfg, **kw, **b, gpus=8)
+            lines.append((name, f"{param_counts(cfg)['total'] / 1e9:.2f}B", setup,
+                          *(f"{m[k] / 1e9:.1f}" for k in ("weights", "grads", "adamw", "other", "activations")),
+                          f"{m['peak'] / 1e9:.1f}" + ("" if m["peak"] <= 80e9 else " (> 80 GB)")))
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for line in lines:
+        print("| " + " | ".join(line) + " |")
+
+
+def bench_memory(args):
+    print_memory_table()
+    if args.no_measure:
+        return
+    from model import ModelConfig
+    smol, vocab_128k = ModelConfig(**SMOLLM2_135M), llama_config(dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                                       hidden_dim=768))
+    short, long = dict(rows=4, seq=128, trained=256), dict(rows=4, seq=512, trained=1024)
+    cases = {"SmolLM2-135M full": (smol, dict(mode="full", **short)),
+             "SmolLM2-135M LoRA": (smol, dict(mode="lora", **short)),
+             "SmolLM2-135M full + grad_ckpt": (smol, dict(mode="full", grad_ckpt=True, **short)),
+             # the chunked log-softmax on a Llama 3 vocabulary: the (n, V) logits at once (before), or 256 rows of them
+             "128k vocab, 1024 trained, logits at once": (vocab_128k, dict(mode="full", chunk=0, **long)),
+             "128k vocab, 1024 trained, 256 at a time": (vocab_128k, dict(mode="full", chunk=256, **long))}
+    print("\nchecked on this CPU: one process, bf16 autocast, the peak RSS of a second step above a warmed-up "
+          "baseline; MB = 1e6 bytes")
+    print("| case | tokens (trained) | predicted MB | measured MB | measured / predicted |\n|---|---|---|---|---|")
+    measured = {}
+    for name, (cfg, kw) in cases.items():
+        predicted, measured[name] = step_memory(cfg, **kw)["peak"], measure_step(cfg, **kw)
+        ratio = measured[name] / predicted
+        print(f"| {name} | {kw['rows']} x {kw['seq']} ({kw['trained']}) | {predicted / 1e6:.0f} | "
+              f"{measured[name] / 1e6:.0f} | {ratio:.2f}{'' if 0.8 <= ratio <= 1.2 else ' FAIL'} |", flush=True)
+    before, after = (measured[f"128k vocab, 1024 trained, {k}"] for k in ("logits at once", "256 at a time"))
+    print(f"the chunked log-softmax lowered this step's measured peak by {(before - after) / 1e6:.0f} MB "
+          f"({(before - after) / before:.0%})")
+
+
+# ----------------------------------------------------------------------------- gpu: the checks a GPU run needs
+
+def cut_losses(model, encoded, pad_id, dev, dtype):
+    """train.py's CUT loss on `encoded`, before and after one AdamW step, on a copy of model on dev."""
+    import copy
+    from contextlib import nullcontext
+    import train
+    m = copy.deepcopy(model).to(dev)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    autocast = torch.autocast(torch.device(dev).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    losses = []
+    for _ in range(2):
+        loss, _, _ = train.forward_loss(m, encoded, train.Config(loss="cut", lam=1.5), pad_id, dev, autocast)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def check_bf16_step(dev, dry):
+    """A CUT step in bf16 on dev against the same step in fp32 on the CPU (a Llama-shaped model, GQA, Llama 3 RoPE)."""
+    from data import Tokenizer, encode_triples, make_task
+    from model import ModelConfig, Transformer
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    dims = dict(dim=64, n_layers=2, n_heads=4) if dry else dict(dim=512, n_layers=8, n_heads=8)
+    model = Transformer(ModelConfig(**dims, n_kv_heads=2, hidden_dim=3 * dims["dim"], vocab_size=tok.n_vocab,
+                                    rope_theta=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0,
+                                    high_freq_factor=4.0, original_max_position_embeddings=64)))
+    encoded = encode_triples(tok, make_task(16, seed=0, flawed_frac=0.5), "cut", 256, chat=True, verbose=False)
+    ref = cut_losses(model, encoded, tok.eos_id, "cpu", torch.float32)
+    got = cut_losses(model, encoded, tok.eos_id, dev, torch.bfloat16)
+    # the losses within 1%, and what the step changed (its gradients, through AdamW) within 5%
+    ok = all(abs(g - r) <= 1e-2 * abs(r) for g, r in zip(got, ref))
+    ok &= abs((got[1] - got[0]) - (ref[1] - ref[0])) <= 0.05 * abs(ref[1] - ref[0])
+    print(f"CUT step, bf16 on {dev} vs fp32 on the CPU: losses before/after one AdamW step {got} vs {ref} "
+          f"(tolerance: 1% relative, the change 5%) {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def check_torchrun(dev, dry, nproc):
+    """train.py with torchrun over nproc processes, DDP then FSDP, on the built-in task from scratch: both finish,
+    FSDP's losses follow DDP's, and FSDP's checkpoint loads."""
+    import tempfile
+    from model import Transformer
+    dtype = "float32" if dry else "bfloat16"
+    args = ["--data=builtin", "--task_size=400", "--base_iters=0", "--max_iters=4", "--eval_interval=4",
+            "--log_interval=1", "--batch_size=4", f"--gradient_accumulation_steps={nproc}", "--max_len=160",
+            f"--device={dev}", f"--dtype={dtype}", "--warmup_iters=1", "--lam=1.0"]
+    args += ["--dim=32", "--n_layers=1", "--n_heads=2"] if dry else []
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("DDP", []), ("FSDP", ["--fsdp=True"])):
+            out = Path(tmp) / name
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "train.py", *args, *extra, f"--out_dir={out}"]
+            t = time.perf_counter()
+            r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if r.returncode:
+                print(f"torchrun {name} failed:\n{r.stderr[-3000:]}")
+                return False
+            losses[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+            print(f"torchrun {name}, {nproc} processes, {dtype}: {time.perf_counter() - t:.0f} s, "
+                  f"losses {losses[name]}", flush=True)
+        Transformer.from_pretrained(Path(tmp) / "FSDP")  # the gathered checkpoint, in Hugging Face's layout
+    # FSDP computes with bf16 parameters where DDP has fp32 weights under bf16 autocast
+    tol = 1e-4 if dry else 2e-2
+    ok = len(losses["FSDP"]) == 4 and all(abs(f - d) <= tol * abs(d) for f, d in zip(losses["FSDP"], losses["DDP"]))
+    print(f"FSDP losses within {tol:g} (relative) of DDP's: {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def measure_mfu(dev, dry, steps=10):
+    """Tokens/s and MFU of a bf16 + torch.compile CUT step (train.py's full fine-tune: fp32 weights, bf16 autocast,
+    fused AdamW) of a Llama-3.2-1B-shaped model, at the most rows of 1024 tokens that step_memory says fit."""
+    from cut_loss import batch_loss, response_logprobs
+    from model import Transformer
+    from train import PEAK_FLOPS
+    cfg = llama_config(LLAMA_SHAPES["Llama-3.2-1B"], **(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                              hidden_dim=128, vocab_size=512) if dry else {}))
+    seq = 64 if dry else 1024
+    free = 0 if dry else torch.cuda.mem_get_info(dev)[1]
+    rows = 2 if dry else max([r for r in (2, 4, 8, 16, 32) if step_memory(cfg, "full", r, seq, r * seq // 2)["peak"]
+                              < 0.85 * free] or [1])
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    step_model = model if dry else torch.compile(model)
+    while True:
+        idx = torch.randint(0, cfg.vocab_size, (rows, seq), device=dev)
+        targets = torch.full_like(idx, -100)
+        targets[:, seq // 2:] = idx.roll(-1, 1)[:, seq // 2:]  # the second half of each row is the response
+        r = torch.arange(rows, device=dev)
+
+        def step():
+            with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+                logp, mask = response_logprobs(step_model(idx, targets=targets), targets)
+                loss, _ = batch_loss("cut", logp, mask, r[0::2], r[1::2], r[0::2] >= 0, 1.5, 1.0, 0.0)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        try:
+            for _ in range(3):  # compile and warm up
+                step()
+            break
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            rows //= 2
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            print(f"out of memory: {rows} rows", flush=True)
+    sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else lambda: None
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t) / steps
+    blocks = sum(p.numel() for p in model.model.layers.parameters())
+    # 6 flops per weight and token (forward + backward), the lm_head at the trained half only, causal attention
+    flops = 6 * blocks * rows * seq + 6 * cfg.dim * cfg.vocab_size * rows * seq // 2 + \
+        6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq * rows * seq
+    name = "CPU" if dry else torch.cuda.get_device_name(dev)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None) if not dry else None
+    mfu = f"MFU {flops / dt / peak:.1%} of {peak / 1e12:.0f} TFLOPS" if peak else "MFU n/a (no peak FLOPS known)"
+    print(f"CUT step, {'tiny' if dry else 'Llama-3.2-1B'}-shaped, bf16{'' if dry else ' + torch.compile'}, {rows} x "
+          f"{seq} tokens on {name}: {dt * 1e3:.0f} ms, {rows * seq / dt:.0f} tokens/s, {mfu}"
+          + ("" if dry else f", peak memory {torch.cuda.max_memory_allocated(dev) / 1e9:.1f} GB"), flush=True)
+
+
+def bench_gpu(args):
+    """One command for a lent GPU (under 8 minutes); --dry rehearses it on the CPU with tiny shapes, no compile."""
+    if not args.dry and not torch.cuda.is_available():
+        sys.exit("bench.py gpu: no CUDA GPU here; --dry rehearses the same checks on the CPU")
+    dev = "cpu" if args.dry else "cuda:0"
+    print(f"gpu checks on {'the CPU (dry run)' if args.dry else torch.cuda.get_device_name(0)}", flush=True)
+    ok = check_bf16_step(dev, args.dry)
+    ok &= check_torchrun(dev, args.dry, 1 if args.dry else torch.cuda.device_count())
+    measure_mfu(dev, args.dry)
+    if not ok:
+        sys.exit("bench.py gpu: FAIL")
+
+
 # ----------------------------------------------------------------------------- sections: add new ones here
 
-BENCHMARKS = {"model": bench_model, "train": bench_train}
+BENCHMARKS = {"model": bench_model, "train": bench_train, "memory": bench_memory, "gpu": bench_gpu}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -271,6 +595,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=5, help="rounds of each in-process timing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for ours and theirs")
     parser.add_argument("--profile", action="store_true", help="model fwd_bwd: also print a torch.profiler table per side")
+    parser.add_argument("--no_measure", action="store_true", help="memory: the table only, no CPU measurement")
+    parser.add_argument("--dry", action="store_true", help="gpu: rehearse on the CPU, tiny shapes, no compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
@@ -278,8 +604,9 @@ if __name__ == "__main__":
     BENCHMARKS[args.section](args)
     print(f"\n{args.section}: {time.perf_counter() - start:.0f} s, {args.threads} torch threads on {os.cpu_count()} cores, "
           f"1-min load average {load_avg:.1f} at the start and {os.getloadavg()[0]:.1f} at the end")
-    if load_avg > os.cpu_count() - args.threads + 0.5:
+    if ROWS and load_avg > os.cpu_count() - args.threads + 0.5:
         # a busy core stalls every parallel region of a multi-threaded op: medians then measure the neighbours
         print("WARNING: other processes were using the cores this run needs; if the spreads are large, "
               "trust 'best o/t' or rerun with --threads 1")
-    print_table()
+    if ROWS:
+        print_table()

@@ -13,14 +13,15 @@ MIN_1M_P = 1e-5  # floor on 1 - p_x inside log(1 - p_x): finite loss and gradien
 def response_logprobs(logits, targets, ignore_index=-100):
     """log p(target) of every trained token, left-aligned per row: (logp (R, N), mask (R, N) float).
 
-    logits (R, T, V), or (n, V) taken at the trained positions only: model(idx, keep=targets != ignore_index).
+    logits (R, T, V), or (n, V) taken at the trained positions only: model(idx, keep=targets != ignore_index),
+    or (n,) log p(target) there already: model(idx, targets=targets), which never holds all n x V logits at once.
     targets (R, T) next-token targets, ignore_index except on the trained span (y + EOS).
     """
     trained = targets != ignore_index
     rows, pos = trained.nonzero(as_tuple=True)
-    picked = logits if logits.dim() == 2 else logits[rows, pos]
+    picked = logits if logits.dim() < 3 else logits[rows, pos]
     # Only the trained positions go through the log-softmax, in float32 (autocast keeps cross_entropy there).
-    token_logp = -F.cross_entropy(picked.float(), targets[rows, pos], reduction='none')
+    token_logp = picked if picked.dim() == 1 else -F.cross_entropy(picked.float(), targets[rows, pos], reduction='none')
     lengths = trained.sum(1)
     slot = trained.cumsum(1)[rows, pos] - 1  # 0 at the first trained position of each row
     N = int(lengths.max()) if len(targets) else 0

@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOGIT_CHUNK = 1024  # trained positions per lm_head + log-softmax block: (1024, vocab) float32 logits at a time
 
 
 @dataclass
@@ -146,22 +149,22 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.grad_ckpt = False  # True: keep each block's input only and recompute the rest in backward (train.py)
         if self.lm_head.weight.is_meta:  # built to be loaded: random init on meta costs time and memory (torch._dynamo)
             return
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+        for m in self.modules():  # GPT-2's init: N(0, 0.02), then a smaller std for the residual projections
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-
-    def forward(self, idx, start_pos=0, keep=None):
+    def forward(self, idx, start_pos=0, keep=None, targets=None):
         """idx (B, T) token ids -> logits (B, T, vocab). start_pos: position of idx[:, 0] (KV-cache decoding).
         keep (B, T) bool: logits only where a loss needs them, (n, vocab) in row-major order; training skips the
-        lm_head and its (B, T, vocab) output for prompt and padding tokens."""
+        lm_head and its (B, T, vocab) output for prompt and padding tokens. targets (B, T), -100 off the trained
+        positions: log p(target) (n,) there instead, LOGIT_CHUNK positions at a time, each block recomputed in
+        backward, so the (n, vocab) float32 logits never exist at once (forward or backward)."""
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
@@ -175,8 +178,15 @@ class Transformer(nn.Module):
             mask = (keys <= pos[:, None]) & (keys > pos[:, None] - window)
         x = self.model.embed_tokens(idx)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start_pos, mask)
-        return self.lm_head(self.model.norm(x if keep is None else x[keep]))
+            args = (x, cos, sin, start_pos, mask)
+            x = checkpoint(layer, *args, use_reentrant=False) if self.grad_ckpt else layer(*args)
+        keep = keep if targets is None else targets != -100
+        x = self.model.norm(x if keep is None else x[keep])
+        if targets is None:
+            return self.lm_head(x)
+        logp = lambda h, t: -F.cross_entropy(self.lm_head(h).float(), t, reduction="none")
+        return torch.cat([checkpoint(logp, h, t, use_reentrant=False)
+                          for h, t in zip(x.split(LOGIT_CHUNK), targets[keep].split(LOGIT_CHUNK))])
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=None, on_token=None):
@@ -184,10 +194,9 @@ class Transformer(nn.Module):
         temperature=0 is greedy. on_token(next_ids) is called with each new (B,) column, for streaming."""
         B, T = idx.shape
         max_len = min(T + max_new_tokens, self.cfg.max_seq_len)
-        p = self.lm_head.weight
-        for layer in self.model.layers:
-            shape = (B, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
-            layer.self_attn.cache = (torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
+        shape = (B, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
+        for layer in self.model.layers:  # (k, v) in the weights' dtype and device
+            layer.self_attn.cache = (self.lm_head.weight.new_zeros(shape), self.lm_head.weight.new_zeros(shape))
         stop = torch.tensor(stop_ids or [], dtype=torch.long, device=idx.device)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out, start_pos, x = idx, 0, idx
@@ -241,12 +250,13 @@ class Transformer(nn.Module):
         model.inv_freq = rope_frequencies(cfg).to(device)
         return model
 
-    def save_pretrained(self, directory):
-        """Write config.json + model.safetensors in Hugging Face's layout (LoRA adapters merged in)."""
+    def save_pretrained(self, directory, state_dict=None):
+        """Write config.json + model.safetensors in Hugging Face's layout (LoRA adapters merged in); state_dict: the
+        weights to write instead of the module's own, e.g. gathered from FSDP's shards."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cfg = self.cfg
-        sd = merged_state_dict(self)
+        sd = merged_state_dict(self) if state_dict is None else dict(state_dict)
         if cfg.tie_embeddings:
             del sd["lm_head.weight"]
         family = "qwen2" if cfg.qkv_bias else "mistral" if cfg.sliding_window else "llama"

@@ -1,12 +1,12 @@
-"""Train a LLaMA-family model with CUT (or a baseline) on judgment triples: one CPU, one GPU, or torchrun DDP.
+"""Train a LLaMA-family model with CUT (or a baseline) on judgment triples: one CPU or GPU, or torchrun DDP / FSDP.
 
     python train.py                                   # the built-in task: an MLE base model, then CUT (out/)
     python train.py --init_from=DIR --data=FILE --lora_rank=16
-    torchrun --nproc_per_node=8 train.py run.json     # a JSON config file, then --key=value flags
+    torchrun --nproc_per_node=8 train.py run.json     # a JSON config file, then --key=value flags (--fsdp=True)
 
-data.py turns triples into batches of sequences, model.py gives logits, cut_loss.py the loss; this file is the
-loop: AdamW with a cosine schedule, gradient accumulation, autocast, DDP, LoRA, atomic checkpoints, --resume, and
-a clean stop on Ctrl-C or SIGTERM (a checkpoint, then the command that resumes).
+data.py turns triples into batches of sequences, model.py gives logits, cut_loss.py the loss; this file is the loop:
+AdamW with a cosine schedule, gradient accumulation, autocast, DDP or FSDP, LoRA, activation checkpointing, atomic
+checkpoints, --resume, and a clean stop on Ctrl-C or SIGTERM (a checkpoint, then the command that resumes).
 """
 import json
 import math
@@ -24,6 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint.state_dict as dist_sd
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -58,6 +60,8 @@ class Config:  # every key can be set by --key=value or a JSON config file
     lora_targets: str = "gate_proj,up_proj,down_proj"  # the authors' choice
     dtype: str = "float32"        # 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
     compile: bool = False
+    fsdp: bool = False            # torchrun: shard weights, gradients and AdamW state over the processes (FSDP2)
+    grad_ckpt: bool = False       # keep each block's input only, recompute the rest in backward: one more forward
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     seed: int = 1337
     eval_interval: int = 100      # iterations between validation losses and checkpoints
@@ -77,7 +81,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
 
 
 # settings that a resumed run may change: they do not alter what the run computes
-RESUMABLE = {"out_dir", "max_iters", "eval_interval", "log_interval", "device", "compile", "resume", "overwrite"}
+RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite grad_ckpt".split())
 RUN_FILES = ("train_state.pt", "log.jsonl", "config.json", "model.safetensors")  # a directory with one holds a run
 # peak dense bf16 FLOPS per GPU, for MFU (matched against torch.cuda.get_device_name)
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
@@ -125,20 +129,19 @@ def forward_loss(model, encoded, cfg, pad_id, dev, autocast):
     with autocast:
         if batch.pos_idx is not None:  # an explicit j+ costs a pass of its own, without gradient
             with torch.no_grad():
-                logits = model(batch.pos_idx, keep=batch.pos_targets != -100)
-                logp_pos = response_logprobs(logits, batch.pos_targets)[0]
-        logp, mask = response_logprobs(model(batch.idx, keep=batch.targets != -100), batch.targets)
+                logp_pos = response_logprobs(model(batch.pos_idx, targets=batch.pos_targets), batch.pos_targets)[0]
+        logp, mask = response_logprobs(model(batch.idx, targets=batch.targets), batch.targets)
         loss, stats = batch_loss(cfg.loss, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
                                  cfg.lam, cfg.alpha, cfg.gamma, logp_pos)
     return loss, stats, int((batch.idx != pad_id).sum())
 
 
-def save_checkpoint(raw, tok, state, out):
+def save_checkpoint(raw, tok, state, out, weights=None):
     """Write into out/.ckpt-new, mark it complete, then move each file into out: a kill at any point leaves either
     the old checkpoint or a complete new one, which the next reader of out moves in (model.finish_checkpoint)."""
     tmp = out / ".ckpt-new"
     shutil.rmtree(tmp, ignore_errors=True)
-    raw.save_pretrained(tmp)
+    raw.save_pretrained(tmp, weights)
     tok.save(tmp)
     torch.save(state, tmp / "train_state.pt")
     (tmp / "COMPLETE").touch()
@@ -163,7 +166,7 @@ def open_run(cfg, master):
     if cfg.resume:
         if not (out / "train_state.pt").is_file():
             raise ValueError(f"{out}: no checkpoint to resume (train_state.pt); start without --resume")
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)  # 1 copy a node
         saved = dict(state["config"], data_sha256=state.get("data_sha256"))
         now = dict(asdict(cfg), data_sha256=data_hash(cfg))
         diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
@@ -211,6 +214,9 @@ def train(cfg):
     if cfg.gradient_accumulation_steps % world:
         raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide among "
                          f"{world} processes (it counts micro-steps over all of them)")
+    if cfg.fsdp and (not ddp or cfg.lora_rank or cfg.compile or cfg.dtype == "float16"):
+        raise ValueError("fsdp=True shards a full fine-tune over torchrun's processes, in float32 or bfloat16, without "
+                         "compile; for LoRA use DDP (the adapters are small)")
     if cfg.lora_rank and cfg.init_from == "scratch":
         raise ValueError("lora_rank > 0 needs a pretrained init_from: adapters on random frozen weights learn nothing")
     if cfg.init_from != "scratch" and not Path(cfg.init_from).is_dir():
@@ -235,6 +241,13 @@ def train(cfg):
         model, tok = load_checkpoint(src, dtype=pt if cfg.lora_rank else torch.float32, device=dev)
     if cfg.max_len > model.cfg.max_seq_len:
         raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    model.grad_ckpt = cfg.grad_ckpt
+    if cfg.fsdp:  # one shard group per block, the root for the rest; compute in dtype, gradients reduced in fp32
+        # cast_forward_inputs=False: RoPE's cos and sin stay fp32, as under autocast
+        mp = MixedPrecisionPolicy(param_dtype=pt, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     train_e, val_e = load_data(cfg, tok, use_chat(tok, cfg.chat), master)
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
@@ -252,16 +265,17 @@ def train(cfg):
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), fused=True)
     scaler = torch.amp.GradScaler(dev_type, enabled=cfg.dtype == "float16")
     start_iter = 0
+    full = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0's CPU (FSDP)
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        dist_sd.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         start_iter = state["iter"]
     raw = model
     if cfg.compile:
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[torch.device(dev).index] if dev_type == "cuda" else None)
+    if ddp and not cfg.fsdp:  # gradients as views of DDP's buckets: no second copy of them
+        model = DDP(model, device_ids=[dev] if dev_type == "cuda" else None, gradient_as_bucket_view=True)
     autocast = torch.autocast(dev_type, dtype=pt) if pt != torch.float32 else nullcontext()
     pad_id = tok.eos_id
     steps_here = cfg.gradient_accumulation_steps // world
@@ -293,7 +307,7 @@ def train(cfg):
                 g["lr"] = lr_at(it, cfg)
             sums = torch.zeros(3, device=dev)  # loss, frac_unlikely (summed over micro-steps), a stop request
             for m, encoded in enumerate(micro_batches(train_e, it, cfg, rank, world)):
-                if ddp:  # synchronise gradients on the last micro-step only
+                if isinstance(model, DDP):  # synchronise gradients on the last micro-step only
                     model.require_backward_grad_sync = m == steps_here - 1
                 loss, stats, n = forward_loss(model, encoded, cfg, pad_id, dev, autocast)
                 scaler.scale(loss / steps_here).backward()
@@ -317,7 +331,7 @@ def train(cfg):
                           "lr": lr_at(it, cfg), "tok_per_s": round(tokens * world / dt)}
                 if peak:
                     record["mfu"] = round(flops_per_token * tokens * world / dt / (peak * world), 4)
-                if (it % cfg.eval_interval == 0 or last) and master and val_e:
+                if (it % cfg.eval_interval == 0 or last) and (master or cfg.fsdp) and val_e:  # FSDP: all ranks
                     summary["val_loss"] = record["val_loss"] = round(evaluate(), 5)  # after the timing
                 bar.set_postfix({k: v for k, v in record.items() if k not in ("iter", "lr")})
                 if master:
@@ -328,12 +342,13 @@ def train(cfg):
                 tqdm.write(f"warning: frac_unlikely = {frac:.2f}: token detection flags most flawed tokens; "
                            f"raise lam (now {cfg.lam}) so that U holds only the tokens the judgment explains")
                 warned = True
-            if master and (last or stopping or (it + 1) % cfg.eval_interval == 0):
-                save_checkpoint(raw, tok, {"iter": it + 1, "optimizer": optimizer.state_dict(),
-                                           "scaler": scaler.state_dict(), "rng": torch.get_rng_state(),
-                                           "config": asdict(cfg), "data_sha256": data_hash(cfg),
-                                           "trainable": [p.detach().cpu() for p in params] if cfg.lora_rank else []},
-                                out)
+            if last or stopping or (it + 1) % cfg.eval_interval == 0:  # every rank takes part: FSDP gathers
+                weights = dist_sd.get_model_state_dict(raw, options=full) if cfg.fsdp else None
+                ckpt = {"iter": it + 1, "optimizer": dist_sd.get_optimizer_state_dict(raw, optimizer, options=full),
+                        "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
+                        "data_sha256": data_hash(cfg), "trainable": [p.detach().cpu() for p in params if cfg.lora_rank]}
+                if master:
+                    save_checkpoint(raw, tok, ckpt, out, weights)
             if stopping:
                 summary["stopped_by"] = signal.Signals(stop[0] if stop else signal.SIGTERM).name
                 break
@@ -350,11 +365,10 @@ def main(argv):
     cfg = configure(Config(), argv)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:  # LOCAL_RANK picks this process's GPU; RANK (over all nodes) picks rank 0's duties
-        cuda = cfg.device.startswith("cuda")
-        if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else None)
+        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cfg.device.startswith("cuda") else None
+        if gpu:
+            torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
     t0 = time.time()
     try:
         if cfg.data == "builtin" and cfg.init_from == "scratch" and cfg.base_iters:

@@ -282,3 +282,59 @@ def test_logits_kept_only_where_asked():
     x = ids(T=9, B=3, vocab=50)
     keep = torch.rand(3, 9, generator=torch.Generator().manual_seed(2)) > 0.5
     assert torch.allclose(m(x, keep=keep), m(x)[keep], atol=1e-6)
+
+
+def loss_and_grads(m, logp):
+    """A weighted sum of the log-probs (weights that differ per position, so a misplaced value shows) and its grads."""
+    loss = (logp * torch.linspace(0.5, 1.5, len(logp))).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_chunked_target_logprobs_equal_the_full_log_softmax(monkeypatch, autocast):
+    """model(idx, targets=...) in blocks of 7 positions against log_softmax over the full (B, T, vocab) logits: the
+    same values and gradients, and the lm_head never sees more than 7 positions, forward or backward."""
+    import model
+    monkeypatch.setattr(model, "LOGIT_CHUNK", 7)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    x = ids(T=12, B=3, vocab=50)
+    targets = torch.where(torch.rand(3, 12, generator=torch.Generator().manual_seed(3)) > 0.4, ids(12, 3, 50, 4), -100)
+    trained = targets != -100
+    assert 14 < int(trained.sum()) < 21 and int(trained.sum()) % 7  # three blocks, the last one short
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        logits = m(x).float()
+    want = logits.log_softmax(-1)[trained].gather(1, targets[trained][:, None])[:, 0]
+    want_loss, want_grads = loss_and_grads(m, want)
+    rows_seen = []
+    m.lm_head.register_forward_hook(lambda mod, inp, out: rows_seen.append(out.shape[0]))
+    with ctx:
+        got = m(x, targets=targets)
+    got_loss, got_grads = loss_and_grads(m, got)
+    blocks = [7, 7, int(trained.sum()) - 14]
+    assert rows_seen == blocks + blocks[::-1]  # each block in forward, then again, last first, in backward
+    torch.testing.assert_close(got, want.detach())
+    torch.testing.assert_close(got_loss, want_loss)
+    for k, want_grad in want_grads.items():  # under autocast each block's lm_head gradient is rounded to bf16 alone
+        rtol = 1.6e-2 if autocast else 1.3e-6  # bf16's resolution, or float32's default
+        torch.testing.assert_close(got_grads[k], want_grad, rtol=rtol, atol=1e-5 + rtol * want_grad.abs().max().item())
+
+
+def test_grad_ckpt_recomputes_each_block_with_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    x, targets = ids(T=10, B=2, vocab=50), ids(T=10, B=2, vocab=50, seed=5)
+    want = loss_and_grads(m, m(x, targets=targets))
+    calls = []
+    for block in m.model.layers:
+        block.register_forward_pre_hook(lambda mod, inp: calls.append(1))
+    m.grad_ckpt = True
+    got = loss_and_grads(m, m(x, targets=targets))
+    assert len(calls) == 4  # 2 blocks, each run in forward and again in backward
+    torch.testing.assert_close(got[0], want[0])
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k], want[1][k])
