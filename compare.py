@@ -26,6 +26,7 @@ import torch
 
 import train
 from data import configure
+from eval import markdown
 
 HERE = Path(__file__).resolve().parent
 METHODS = {"mixed": ("cut", "sft", "sft_all", "hindsight", "forward"),
@@ -39,7 +40,7 @@ class Config:
     jobs: int = 1                   # train.py / eval.py processes at once
     lrs: str = "1e-4,3e-4,1e-3"     # the learning-rate grid, for every method
     lams: str = "1.1,1.5,2,3"       # cut's lambda grid
-    stages: str = "50,100,200,300,400"  # the schedule: steps at which validation accuracy is measured
+    stages: str = "50,100,200,300,450,600"  # the schedule: steps at which validation accuracy is measured
     seeds: int = 3                  # at the chosen settings (seed 1 is the grid's own run)
     n_val: int = 300
     n_test: int = 500
@@ -181,20 +182,13 @@ def summarize(result):
     return rows
 
 
-def table(rows, columns):
-    def cell(v):
-        return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]) + "\n"
-
-
 def report(result):
     rows = summarize(result)
     md = ["## Test split, at each method's validation-chosen settings (mean over seeds)\n",
-          table(rows, ["regime", "method", "lr", "lam", "step", "seeds", "accuracy", "spread", "swap", "missing",
+          markdown(rows, ["regime", "method", "lr", "lam", "step", "seeds", "accuracy", "spread", "swap", "missing",
                        "other", "new_format", "ok_new_format"]),
           "\n## The same runs: token detection at cut's chosen lambda, on held-out flawed responses\n",
-          table(rows, ["regime", "method", "U_precision", "U_recall", "frac_unlikely", "gain_wrong", "gain_other"]),
+          markdown(rows, ["regime", "method", "U_precision", "U_recall", "frac_unlikely", "gain_wrong", "gain_other"]),
           "\n## Validation: cut's lambda sweep (best step and learning rate for each lambda)\n"]
     sweep = []
     for regime in METHODS:
@@ -203,7 +197,7 @@ def report(result):
                    == (regime, "cut", lam) for p in g["curve"]]
             best = max(pts, key=lambda x: x[0])
             sweep.append(dict(regime=regime, lam=f"{lam:g}", lr=f"{best[1]:g}", **{k: best[2][k] for k in ("step", *COLUMNS)}))
-    md.append(table(sweep, ["regime", "lam", "lr", "step", "accuracy", "swap", "missing", "new_format",
+    md.append(markdown(sweep, ["regime", "lam", "lr", "step", "accuracy", "swap", "missing", "new_format",
                             "ok_new_format", "frac_unlikely", "U_precision", "U_recall"]))
     md.append("\n## Validation curves at the chosen learning rate (and lambda): the selection metric per step\n")
     curves = []
@@ -212,7 +206,7 @@ def report(result):
                  == (ch["regime"], ch["method"], ch["lr"], ch["lam"]))
         curves.append(dict(regime=ch["regime"], method=ch["method"],
                            **{f"step {p['step']}": p[METRIC[ch["regime"]]] for p in g["curve"]}))
-    md.append(table(curves, ["regime", "method", *[k for k in curves[0] if k.startswith("step")]]))
+    md.append(markdown(curves, ["regime", "method", *[k for k in curves[0] if k.startswith("step")]]))
     return "".join(md), rows, curves
 
 

@@ -16,6 +16,7 @@ import unicodedata
 import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import tiktoken
 import torch
@@ -518,8 +519,8 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
 
 
 # ----------------------------------------------------------------------------- the built-in judgment task
-# Letter sorting: "Sort these letters alphabetically: h, d, j, a" -> "a, d, h, j". Flawed responses carry one
-# systematic mistake (the last two letters swapped) or, more rarely, a letter left out. Text is ASCII, so with the
+# Letter sorting: "Sort these letters: h, d, j, a" -> "a, d, h, j". Flawed responses carry one systematic mistake
+# (the second and third letters swapped) or, more rarely, a letter left out. Text is ASCII, so with the
 # byte-level tokenizer a char offset in a response is its token position. docs/cut.md says why it is built so.
 TASK_INSTRUCTIONS = ("Sort these letters: {}", "Alphabetize: {}", "Put in alphabetical order: {}",
                      "Please sort {} alphabetically.", "Order these letters: {}", "Can you sort {}?")
@@ -533,33 +534,25 @@ NEW_CLOSINGS = ("Hope this helps!", "All done.", "Let me know if you need more."
 NEW_FORMAT = re.compile(r"[^\n]+\n[a-z](?:, [a-z])*\n[^\n]+")
 # Judgments name the kind and place of the mistake, never the letters: naming them makes every token likelier.
 TASK_JUDGMENTS = {
-    "swap": ("The last two letters are in the wrong order.", "Close, but the final pair is swapped.",
-             "Everything is in order except the end: the last two should trade places.",
-             "Almost right; the last two letters are the wrong way round.",
-             "The final two letters need to be switched.", "Nearly sorted, but the last pair is reversed."),
+    "swap": ("The second and third letters are in the wrong order.", "Close, but the second and third are swapped.",
+             "All in order but the second and third letters: they should trade places.",
+             "Almost right; the second and third letters are the wrong way round.",
+             "The second and third letters need to be switched.", "Nearly sorted, but the second pair is reversed."),
     "order": ("The order is wrong from the {} letter on.", "The sorting breaks down at the {} letter.",
-              "Not sorted: things go wrong starting with the {} letter.",
-              "The letters are out of order from the {} position onward."),
+              "Not sorted: things go wrong starting with the {} letter.", "The letters are out of order from the {} on."),
     "missing": ("The {} letter is missing.", "One letter was left out: the {} one.",
                 "Incomplete: the letter that belongs in the {} place is missing."),
-    "missing_more": ("Several letters are left out, the first of them in the {} place.",
-                     "Letters are missing, starting from the {} one."),
+    "missing_more": ("Several letters are left out, the first in the {} place.", "Letters are missing from the {} on."),
     "extra": ("It includes letters that do not belong.", "Some of these letters were never given."),
-    "garbage": ("This does not give the sorted letters at all.", "No list of letters can be found in this answer."),
-}
+    "garbage": ("This does not give the sorted letters at all.", "No list of letters can be found in this answer.")}
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 LETTER_LIST = re.compile(r"\b[a-z](?: *, *[a-z]\b)+")  # single lowercase letters separated by commas
 
 
-@dataclass
-class Verdict:
+class Verdict(NamedTuple):
     kind: str  # 'ok', 'swap' (the systematic mistake), 'order', 'missing', 'extra' or 'garbage'
     judgment: str | None  # None when the response is acceptable
     wrong: list[int]  # char offsets in the response of the wrong tokens; len(response) means the end of sequence
-
-    @property
-    def ok(self):
-        return self.kind == "ok"
 
 
 def _letter_list(text):
@@ -592,7 +585,7 @@ def check_response(instruction, response):
         bad = [i for i in range(len(want)) if got[i] != want[i]]
         if not bad:
             return Verdict("ok", None, [])
-        kind, place, wrong = "swap" if bad == [len(want) - 2, len(want) - 1] else "order", bad[0], [at[i] for i in bad]
+        kind, place, wrong = "swap" if bad == [1, 2] else "order", bad[0], [at[i] for i in bad]
     wordings = TASK_JUDGMENTS["missing_more" if len(missing) > 1 and kind == "missing" else kind]
     # The wording is a fixed function of the response (crc32 is stable across runs, unlike hash()): re-checking a
     # response always gives back the judgment it was generated with.
@@ -600,34 +593,34 @@ def check_response(instruction, response):
     return Verdict(kind, text.format(ORDINALS[place] if place < len(ORDINALS) else f"{place + 1}th"), wrong)
 
 
-def make_task(n, seed=0, kind="mixed", flawed_frac=0.8, split="train"):
+def make_task(n, seed=0, kind="mixed", flawed_frac=0.25, split="train"):
     """n Triples of the built-in task, the same for the same arguments. kind is one of
-    'base':  the base model's data. Correct answers, except that the 5- and 6-letter lists are swapped half the
-             time (the base's systematic mistake), and a quarter of the examples put a judgment in the prompt of
+    'base':  the base model's data. Correct answers, except that the 5- and 6-letter lists are swapped a quarter
+             of the time (the base's systematic mistake), and a quarter of the examples put a judgment in the prompt of
              the flawed answer it describes, so that the base reads judgments as a pretrained model does.
-    'mixed': fine-tuning data in the base's format, round(n * flawed_frac) of it flawed, the longest lists first.
+    'mixed': fine-tuning data in the base's format, a flawed_frac share of it flawed, the longest lists first.
     'new':   fine-tuning data in a format the base never writes (NEW_FORMAT), every response flawed.
-    A flaw is a letter left out (a fifth of them) or else the last two letters swapped; check_response writes the
+    A flaw is a letter left out (a fifth of them) or else the second and third letters swapped; check_response writes the
     judgment. Letter lists are split by a hash into train (80%), val and test, which never share a list."""
     rng, lists = random.Random(seed), []
     while len(lists) < n:
         letters = rng.sample("abcdefghij", rng.randint(3, 6))
         if split == ("val", "test", *["train"] * 8)[zlib.crc32("".join(letters).encode()) % 10]:
             lists.append(letters)
-    # the mistakes come with the longer, harder lists, as a model's do: acceptable answers to them are scarce
-    flawed = set(sorted(range(n), key=lambda i: (-len(lists[i]), rng.random()))[:round(n * flawed_frac)])
     triples = []
-    for i, letters in enumerate(lists):
+    for letters in lists:
         instruction = rng.choice(TASK_INSTRUCTIONS).format(", ".join(letters))
         answer = sorted(letters)
         judged = kind == "base" and rng.random() < 0.25
-        if judged or kind == "new" or (kind == "mixed" and i in flawed):
+        # the mistakes come with the longer, harder lists, as a model's do: the 5- and 6-letter ones first
+        flawed = rng.random() < (2 * flawed_frac if len(letters) >= 5 else 2 * flawed_frac - 1)
+        if judged or kind == "new" or (kind == "mixed" and flawed):
             if rng.random() < 0.2:
                 del answer[rng.randrange(len(answer))]
             else:
-                answer[-2], answer[-1] = answer[-1], answer[-2]
+                answer[1], answer[2] = answer[2], answer[1]
         elif kind == "base" and len(letters) >= 5 and rng.random() < 0.25:
-            answer[-2], answer[-1] = answer[-1], answer[-2]
+            answer[1], answer[2] = answer[2], answer[1]
         if kind == "new":
             response = f"{rng.choice(NEW_OPENINGS)}\n{', '.join(answer)}\n{rng.choice(NEW_CLOSINGS)}"
         else:

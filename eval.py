@@ -64,12 +64,6 @@ def load(path, c):
     return model.eval(), tok, use_chat(tok, c.chat)
 
 
-def run_config(path):
-    """The train.py settings a checkpoint was trained with, or None for another checkpoint."""
-    state = Path(path, "train_state.pt")
-    return torch.load(state, map_location="cpu", weights_only=True) if state.is_file() else None
-
-
 def generate_responses(model, tok, chat, instructions, c, temperature, max_new):
     """The response to each instruction; prompts of equal token length share a batch, so none needs padding."""
     prompts = [prompt_ids(tok, i, chat=chat) for i in instructions]
@@ -103,7 +97,7 @@ def score(model, tok, chat, triples, c, max_len):
     for k in tqdm(range(0, len(kept), c.batch_size), desc="score", dynamic_ncols=True):
         rows = kept[k:k + c.batch_size]
         b = collate([enc[i][0] for i in rows], tok.eos_id).to(c.device)
-        logp, mask = response_logprobs(model(b.idx, keep=b.targets != -100), b.targets)
+        logp, mask = response_logprobs(model(b.idx, targets=b.targets), b.targets)
         logp_x, logp_j = logp[b.x_rows], logp[b.j_rows]
         _, stats = cut_loss(logp_x, logp_j, b.is_neg, mask[b.x_rows], c.lam)
         for i, lx, lj, n, u in zip(rows, logp_x.cpu(), logp_j.cpu(), mask[b.x_rows].sum(1).int(), stats["U"].cpu()):
@@ -172,7 +166,8 @@ def triples_eval(c):
     """NLL, and log p_x of the tokens in U and outside U, on the run's held-out split of a triples file."""
     if not c.data:
         raise ValueError("mode 'triples' needs --data=FILE, a triples file")
-    state = run_config(c.ckpt)
+    saved = Path(c.ckpt, "train_state.pt")  # the run's own split, when ckpt is a train.py run
+    state = torch.load(saved, map_location="cpu", weights_only=True) if saved.is_file() else None
     run = state["config"] if state else {"seed": c.seed, "val_frac": c.val_frac, "max_len": None}
     if state and state.get("data_sha256") != file_hash(c.data):
         print(f"warning: {c.data} is not the file {c.ckpt} was trained on: its split is not that run's held-out "
@@ -186,17 +181,19 @@ def triples_eval(c):
         scored = score(model, tok, chat, held, c, run["max_len"] or model.cfg.max_seq_len)
         if U is None:  # judged by the first checkpoint: before, if given
             U = [s and s[2] for s in scored]
-        in_u, out_u, nll = [], [], []
-        for s, u, t in zip(scored, U, held):
-            if s is not None and u is not None and t.judgment:
+        in_u, out_u, nll, nll_ok = [], [], [], []
+        for s, u, t in [(s, u, t) for s, u, t in zip(scored, U, held) if s is not None]:
+            nll.append(-s[0])
+            if not t.judgment:
+                nll_ok.append(-s[0])
+            elif u is not None:
                 if len(s[0]) != len(u):
                     raise ValueError(f"{path} and {c.before} tokenize the responses differently: U cannot carry over")
                 in_u.append(s[0][u])
                 out_u.append(s[0][~u])
-            elif s is not None and not t.judgment:
-                nll.append(-s[0])
         mean = lambda xs: torch.cat(xs).mean().item() if sum(map(len, xs)) else None
-        rows.append({"ckpt": path, "nll_acceptable": mean(nll), "logp_in_U": mean(in_u), "logp_out_U": mean(out_u),
+        rows.append({"ckpt": path, "nll": mean(nll), "nll_acceptable": mean(nll_ok), "logp_in_U": mean(in_u),
+                     "logp_out_U": mean(out_u),
                      "tokens_in_U": sum(map(len, in_u)), "tokens_out_U": sum(map(len, out_u)),
                      "skipped_too_long": scored.count(None)})
     return {"data": c.data, "held_out": len(held), "seed": run["seed"], "val_frac": run["val_frac"], "lam": c.lam,
@@ -245,7 +242,7 @@ def main(argv):
         print(markdown(result["rows"], ["model", "accuracy", "swap", "missing", "other", "new_format", "U_precision",
                                         "U_recall", "frac_unlikely", "gain_wrong", "gain_other"]))
     if c.mode == "triples":
-        print(markdown(result["rows"], ["ckpt", "nll_acceptable", "logp_in_U", "logp_out_U", "tokens_in_U",
+        print(markdown(result["rows"], ["ckpt", "nll", "nll_acceptable", "logp_in_U", "logp_out_U", "tokens_in_U",
                                         "tokens_out_U"]))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -71,11 +71,11 @@ class Config:  # every key can be set by --key=value or a JSON config file
     resume: bool = False          # go on from out_dir's checkpoint, with the same settings (max_iters may grow)
     overwrite: bool = False       # start afresh in an out_dir that holds a run, deleting that run
     # the built-in task (data='builtin'), and the model trained from scratch for it
-    task: str = "mixed"           # fine-tuning data: 'mixed' (80% flawed) or 'new' (a new format, all flawed)
+    task: str = "mixed"           # fine-tuning data: 'mixed' (25% flawed) or 'new' (a new format, all flawed)
     task_size: int = 12000
-    base_iters: int = 800         # from scratch: first an MLE base on the task's base data, in out_dir/base
+    base_iters: int = 1200        # from scratch: first an MLE base on the task's base data, in out_dir/base
     base_lr: float = 2e-3
-    n_layers: int = 4
+    n_layers: int = 2
     n_heads: int = 4
     dim: int = 128
 
@@ -404,7 +404,7 @@ def report(s, cfg, argv, seconds):
         return
     losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("loss", "val_loss", "frac_unlikely") if s.get(k) is not None)
     print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} ({losses}).")
-    prompt = "Sort these letters alphabetically: h, d, j, a" if cfg.data == "builtin" else "your instruction"
+    prompt = "Sort these letters: h, d, j, a" if cfg.data == "builtin" else "your instruction"
     print(f"Next:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\" --temperature=0")
     if cfg.data == "builtin":
         print(f"  python eval.py --ckpt={out}    # accuracy and the flaw's rate, against the base in {out}/base")

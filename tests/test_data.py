@@ -560,14 +560,14 @@ def test_correct_in_every_response_phrasing(response, letters_at):
     assert response in [p.format("a, d, m, q") for p in TASK_RESPONSES]
     assert response[letters_at] == "a"
     v = check_response(SORT_X, response)
-    assert (v.ok, v.kind, v.judgment, v.wrong) == (True, "ok", None, [])
-    assert check_response("Please sort the letters q, d, m, a in alphabetical order.", response).ok
+    assert (v.kind, v.judgment, v.wrong) == ("ok", None, [])
+    assert check_response("Please sort the letters q, d, m, a in alphabetical order.", response).kind == "ok"
 
 
 @pytest.mark.parametrize("response, kind, wrong", [
-    ("Sorted: a, d, q, m.", "swap", [14, 17]),        # the systematic mistake: the two last letters
-    ("a, d, q, m", "swap", [6, 9]),
-    ("Sorted: a, m, d, q.", "order", [11, 14]),       # breaks at the second letter
+    ("Sorted: a, m, d, q.", "swap", [11, 14]),        # the systematic mistake: the second and third letters
+    ("a, m, d, q", "swap", [3, 6]),
+    ("Sorted: a, d, q, m.", "order", [14, 17]),       # breaks at the third letter
     ("d, a, m, q", "order", [0, 3]),
     ("q, m, d, a", "order", [0, 3, 6, 9]),
     ("Sorted: a, d, q.", "missing", [14]),            # m left out: q stands where m belongs
@@ -581,17 +581,17 @@ def test_correct_in_every_response_phrasing(response, letters_at):
 ])
 def test_checker_kinds_and_wrong_offsets(response, kind, wrong):
     v = check_response(SORT_X, response)
-    assert (v.ok, v.kind, v.wrong) == (False, kind, wrong)
+    assert (v.kind, v.wrong) == (kind, wrong)
     assert v.judgment and v.judgment[0].isupper() and v.judgment.endswith(".")
 
 
 def test_judgments_name_the_place():
-    assert "second" in check_response(SORT_X, "Sorted: a, m, d, q.").judgment
+    assert "third" in check_response(SORT_X, "Sorted: a, d, q, m.").judgment
     assert "first" in check_response(SORT_X, "d, a, m, q").judgment
     assert "third" in check_response(SORT_X, "a, d, q").judgment
     assert "fourth" in check_response(SORT_X, "a, d, m").judgment
     assert check_response(SORT_X, "a, q").judgment in [w.format("second") for w in TASK_JUDGMENTS["missing_more"]]
-    assert check_response(SORT_X, "a, d, q, m").judgment in TASK_JUDGMENTS["swap"]
+    assert check_response(SORT_X, "a, m, d, q").judgment in TASK_JUDGMENTS["swap"]
 
 
 def test_instruction_without_letters_fails_clearly():
@@ -611,10 +611,12 @@ def test_make_task_is_deterministic_and_its_splits_share_no_letter_list():
 
 
 def test_mixed_data_is_flawed_on_the_longest_lists_first():
-    triples = make_task(300, seed=0, flawed_frac=0.8)
-    flawed = [len(letters_of(t.instruction)) for t in triples if t.judgment is not None]
-    fine = [len(letters_of(t.instruction)) for t in triples if t.judgment is None]
-    assert len(flawed) == 240 and max(fine) <= min(flawed)
+    for frac in (0.25, 0.5, 0.8):
+        triples = make_task(4000, seed=0, flawed_frac=frac)
+        lengths = [(len(letters_of(t.instruction)), t.judgment is not None) for t in triples]
+        share = lambda short: sum(f for n, f in lengths if (n < 5) == short) / sum((n < 5) == short for n, _ in lengths)
+        assert abs(sum(f for _, f in lengths) / 4000 - frac) < 0.02
+        assert abs(share(False) - min(1, 2 * frac)) < 0.03 and abs(share(True) - max(0, 2 * frac - 1)) < 0.03
     assert all(t.judgment is not None for t in make_task(50, seed=2, flawed_frac=1.0))
     assert all(t.judgment is None for t in make_task(50, seed=2, flawed_frac=0.0))
 
@@ -630,7 +632,7 @@ def test_base_data_makes_the_mistake_on_long_lists_and_reads_judgments():
              if t not in judged]
     assert all(kind == "ok" for n, kind in plain if n < 5)
     long = [kind for n, kind in plain if n >= 5]
-    assert set(long) == {"ok", "swap"} and 0.45 < long.count("swap") / len(long) < 0.55
+    assert set(long) == {"ok", "swap"} and 0.2 < long.count("swap") / len(long) < 0.3
 
 
 def test_new_format_data_is_all_flawed_and_only_it_has_the_new_format():
@@ -643,10 +645,10 @@ def test_new_format_data_is_all_flawed_and_only_it_has_the_new_format():
 
 
 def test_generated_triples_agree_with_the_checker_and_describe_not_spell_out():
-    triples = make_task(2000, seed=3, flawed_frac=0.65)
+    triples = make_task(2000, seed=3, flawed_frac=0.5)
     kinds = [check_response(t.instruction, t.response).kind for t in triples]
-    assert kinds.count("ok") == 700 and set(kinds) == {"ok", "swap", "missing"}
-    assert 0.15 < kinds.count("missing") / 1300 < 0.25                  # a fifth of the flawed ones
+    assert 900 < kinds.count("ok") < 1100 and set(kinds) == {"ok", "swap", "missing"}
+    assert 0.15 < kinds.count("missing") / (2000 - kinds.count("ok")) < 0.25  # a fifth of the flawed ones
     for (x, y, j), kind in zip(((t.instruction, t.response, t.judgment) for t in triples), kinds):
         assert check_response(x, y).judgment == j                       # the checker wrote the judgment
         assert (j is None) == (kind == "ok")

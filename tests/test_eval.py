@@ -60,21 +60,23 @@ def test_task_mode_end_to_end_against_the_base(tiny, tmp_path, capsys):
 
 
 def test_accuracy_and_mistake_shares(tiny, monkeypatch):
-    """Responses made by hand: correct, the systematic swap, a letter missing, garbage -> a quarter each."""
+    """Answers made by hand: correct (in the new format every other time), the systematic swap, a letter missing,
+    garbage: a quarter each, and an eighth correct and in the new format."""
     def fake(model, tok, chat, instructions, c, temperature, max_new):
-        assert temperature == 0
+        assert temperature == 1.0  # the model's rates: sampled
         out = []
         for k, ins in enumerate(instructions):
             letters = sorted(re.findall(r"\b[a-z]\b", ins))
-            swapped = letters[:-2] + letters[:-3:-1]
-            out.append([", ".join(letters), ", ".join(swapped), ", ".join(letters[1:]), "no idea"][k % 4])
+            right = ", ".join(letters) if k % 8 else f"Here you go:\n{', '.join(letters)}\nAll done."
+            swapped = ", ".join([letters[0], letters[2], letters[1], *letters[3:]])
+            out.append([right, swapped, ", ".join(letters[1:]), "no idea"][k % 4])
         return out
 
     monkeypatch.setattr(ev, "generate_responses", fake)
     path, model, tok = tiny
-    result = ev.task_eval(model, tok, True, cfg("--n_eval=8"))
+    result = ev.task_eval(model, tok, True, cfg("--n_eval=16"))
     assert (result["accuracy"], result["swap"], result["missing"], result["other"]) == (0.25, 0.25, 0.25, 0.25)
-    assert result["new_format"] == result["ok_new_format"] == 0
+    assert result["new_format"] == result["ok_new_format"] == 0.125
 
 
 def test_u_against_wrong_tokens_through_the_pipeline(tiny, monkeypatch):
@@ -200,7 +202,7 @@ def test_online_writes_judged_triples(tiny, tmp_path, monkeypatch, capsys):
     assert [t.judgment for t in triples] == [check_response(i, r).judgment for i, r in
                                              zip(instructions, ["a, b, c", "a, c, b", "nothing"] * 2)]
     monkeypatch.setattr(ev, "generate_responses", real)  # and for real, at another temperature
-    run("--mode=online", f"--ckpt={tiny[0]}", "--n_online=3", "--online_temperature=0.5", "--max_new_tokens=6",
+    run("--mode=online", f"--ckpt={tiny[0]}", "--n_online=3", "--temperature=0.5", "--max_new_tokens=6",
         f"--out_file={tmp_path / 'o.json'}")
     assert "accuracy of the samples: 0.000" in capsys.readouterr().out
     assert [t.judgment for t in load_triples(tmp_path / "o.json", verbose=False)] == [

@@ -269,9 +269,9 @@ def test_llama2_tokenizer_lora_cut_then_sample_and_eval(tmp_path, family_dir, ca
     assert x[0, :5].tolist() == [1, 518, 25580, 29962, 3462]  # <s> ▁[ INST ] ▁Add
     new = Transformer.from_pretrained(out).generate(x, 6, temperature=0, stop_ids=tok.stop_ids)[0, x.shape[1]:]
     assert capsys.readouterr().out == tok.decode(t for t in new.tolist() if t not in tok.stop_ids) + "\n"
-    result = ev.main(["--mode=triples", f"--data={data}", f"--ckpt={out}", f"--before={base}", "--val_frac=0.5",
+    result = ev.main(["--mode=triples", f"--data={data}", f"--ckpt={out}", f"--before={base}",
                       f"--out_file={tmp_path / 'r.json'}", "--device=cpu"])
-    assert result["held_out"] == 6 and [r["ckpt"] for r in result["rows"]] == [str(base), str(out)]
+    assert result["held_out"] == 3 and [r["ckpt"] for r in result["rows"]] == [str(base), str(out)]
     assert all(r["tokens_in_U"] + r["tokens_out_U"] > 0 for r in result["rows"])
 
 
