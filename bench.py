@@ -512,12 +512,16 @@ def check_torchrun(dev, dry, nproc):
     return ok
 
 
+# peak dense bf16 FLOPS per GPU, for MFU (matched against torch.cuda.get_device_name)
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
 def measure_mfu(dev, dry, steps=10):
     """Tokens/s and MFU of a bf16 + torch.compile CUT step (train.py's full fine-tune: fp32 weights, bf16 autocast,
     fused AdamW) of a Llama-3.2-1B-shaped model, at the most rows of 1024 tokens that step_memory says fit."""
     from cut_loss import batch_loss, response_logprobs
     from model import Transformer
-    from train import PEAK_FLOPS
     cfg = llama_config(LLAMA_SHAPES["Llama-3.2-1B"], **(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                                               hidden_dim=128, vocab_size=512) if dry else {}))
     seq = 64 if dry else 1024

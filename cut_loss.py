@@ -36,21 +36,20 @@ def mle_loss(logp, mask):
     return row_nll.sum() / max(len(logp), 1)
 
 
-def cut_loss(logp_x, logp_j, is_neg, mask, lam=1.1, alpha=1.0, gamma=0.0, logp_pos=None):
+def cut_loss(logp_x, logp_j, is_neg, mask, lam=1.1, alpha=1.0, gamma=0.0):
     """L_CUT = L1 + L2 per triple, averaged over the B triples. Returns (loss, stats).
 
     logp_x  (B, N): log p_x(t) = log p(y_t | y_<t, x)
     logp_j  (B, N): log p_n(t) = log p(y_t | y_<t, x, j-) on flawed rows (ignored on acceptable ones)
     is_neg  (B,)  : True for a flawed triple
-    logp_pos      : log p_p(t) = log p(y_t | y_<t, x, j+) for an explicit j+; None: j+ is no judgment, p_p = p_x
+    j+ is the absence of a judgment, as in the authors' code, so p_p(t) = p(y_t | y_<t, x, j+) is p_x(t).
     """
     neg = is_neg[:, None]
     # L2 trains [x, j-] -> y on flawed triples and x -> y on acceptable ones.
     logp_l2 = torch.where(neg, logp_j, logp_x)
     neg_mask = mask * neg  # L1 exists only on the tokens of flawed responses
     with torch.no_grad():  # U and the weight are constants: no gradient flows through them
-        logp_p = logp_x if logp_pos is None else logp_pos
-        U = (logp_l2.exp() - lam * logp_p.exp() > 0) & (neg_mask > 0)
+        U = (logp_l2.exp() - lam * logp_x.exp() > 0) & (neg_mask > 0)  # paper Eq. 5, p_p = p_x
         weight = alpha * logp_l2.exp() ** gamma  # alpha * p_n(t)^gamma, paper Eq. 6
     log_1m_px = torch.log((-torch.expm1(logp_x)).clamp(min=MIN_1M_P))  # log(1 - p_x) from log p_x
     # L1 = -(1/N) * (sum_{t not in U} log p_x(t) + sum_{t in U} alpha * p_n(t)^gamma * log(1 - p_x(t)))
@@ -60,7 +59,7 @@ def cut_loss(logp_x, logp_j, is_neg, mask, lam=1.1, alpha=1.0, gamma=0.0, logp_p
     return loss, {'frac_unlikely': frac_unlikely.detach(), 'U': U}  # U (B, N) bool: eval.py measures it
 
 
-def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, logp_pos=None):
+def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma):
     """The loss of `mode` (CUT or a baseline of the paper) on the rows of one batch. Returns (loss, stats).
 
     logp, mask (R, N) from response_logprobs. For 'cut', triple b has its x -> y row x_rows[b] and its
@@ -69,7 +68,7 @@ def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, logp
     the triple builder put only their rows in the batch.
     """
     if mode == 'cut':
-        return cut_loss(logp[x_rows], logp[j_rows], is_neg, mask[x_rows], lam, alpha, gamma, logp_pos)
+        return cut_loss(logp[x_rows], logp[j_rows], is_neg, mask[x_rows], lam, alpha, gamma)
     if mode == 'forward':  # -log p(y|x)/N - log p(j|x,y)/Q per triple
         loss = mle_loss(logp[x_rows], mask[x_rows]) + mle_loss(logp[j_rows], mask[j_rows])
     elif mode in ('sft', 'sft_all', 'hindsight'):

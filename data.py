@@ -12,6 +12,7 @@ import json
 import random
 import re
 import struct
+import sys
 import unicodedata
 import zlib
 from dataclasses import dataclass, fields, replace
@@ -362,9 +363,10 @@ def _triple(rec, where: str) -> Triple | None:
                      f"question/answer/feedback or instruction/response/judgment; got {sorted(rec)}")
 
 
-def file_hash(path):
-    """sha256 of a file's bytes: a resumed run, or an evaluation, checks that it reads the run's own data."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def data_hash(data):
+    """sha256 of a triples file's bytes ('builtin' for the built-in task): a resumed run, or an evaluation, checks
+    that it reads the run's own data."""
+    return "builtin" if data == "builtin" else hashlib.sha256(Path(data).read_bytes()).hexdigest()
 
 
 def read_text(path):
@@ -425,7 +427,6 @@ class Encoded:
     # [x, j-] -> y row (cut) or the [x, y] -> j row (forward)
     rows: list[tuple[list[int], list[int]]]
     is_neg: bool
-    pos: tuple[list[int], list[int]] | None = None  # [x, j+] -> y when an explicit j+ text is used
 
 
 def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None):
@@ -441,12 +442,10 @@ def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None
 
 
 def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: int, chat: bool = False,
-                   j_pos: str | None = None, verbose=True) -> list[Encoded]:
+                   verbose=True) -> list[Encoded]:
     """The sequences each loss mode trains on (docs/cut.md); max_len bounds a row's model input (T <= max_len)."""
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {LOSS_MODES}")
-    if j_pos is not None and mode != "cut":
-        raise ValueError(f"an explicit j+ text is only used by mode 'cut', not {mode!r}")
     out, too_long, skipped = [], 0, 0
     for t in triples:
         is_neg = t.judgment is not None
@@ -464,13 +463,11 @@ def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: in
         elif mode == "forward":
             rows.append((plain + response + tok.encode(JUDGMENT_HEADER),
                          tok.encode(t.judgment or POSITIVE_JUDGMENT) + [tok.eos_id]))
-        pos = [(prompt_ids(tok, t.instruction, j_pos, chat=chat), y)] if j_pos is not None else []
-        fitted = [_fit(p, trained, max_len, tok.bos_id) for p, trained in rows + pos]
-        if None in fitted:
+        rows = [_fit(p, trained, max_len, tok.bos_id) for p, trained in rows]
+        if None in rows:
             too_long += 1
             continue
-        rows = fitted[:len(rows)]
-        out.append(Encoded(rows, is_neg, fitted[-1] if pos else None))
+        out.append(Encoded(rows, is_neg))
     if verbose:
         print(f"encoded {len(out)} triples for {mode} ({sum(len(e.rows) for e in out)} sequences), "
               f"dropped {too_long} longer than {max_len} tokens, skipped {skipped} flawed (sft)")
@@ -484,11 +481,9 @@ class Batch:
     x_rows: torch.Tensor  # (B,) row of each triple's x -> y sequence
     j_rows: torch.Tensor  # (B,) row of each triple's judgment sequence (== x_rows where none)
     is_neg: torch.Tensor  # (B,) bool: the triple is flawed
-    pos_idx: torch.Tensor | None = None  # (B, T') the [x, j+] -> y rows, one per triple
-    pos_targets: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int):
@@ -512,10 +507,8 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         x_rows.append(len(rows))
         j_rows.append(len(rows) + len(e.rows) - 1)
         rows += e.rows
-    idx, targets = _pad(rows, pad_id)
-    pos_idx, pos_targets = _pad([e.pos for e in encoded], pad_id) if encoded[0].pos is not None else (None, None)
-    return Batch(idx, targets, torch.tensor(x_rows), torch.tensor(j_rows),
-                 torch.tensor([e.is_neg for e in encoded]), pos_idx, pos_targets)
+    is_neg = torch.tensor([e.is_neg for e in encoded])
+    return Batch(*_pad(rows, pad_id), torch.tensor(x_rows), torch.tensor(j_rows), is_neg)
 
 
 # ----------------------------------------------------------------------------- the built-in judgment task
@@ -539,10 +532,9 @@ TASK_JUDGMENTS = {
              "Almost right; the second and third letters are the wrong way round.",
              "The second and third letters need to be switched.", "Nearly sorted, but the second pair is reversed."),
     "order": ("The order is wrong from the {} letter on.", "The sorting breaks down at the {} letter.",
-              "Not sorted: things go wrong starting with the {} letter.", "The letters are out of order from the {} on."),
+              "Not sorted: it goes wrong from the {} letter.", "The letters are out of order from the {} on."),
     "missing": ("The {} letter is missing.", "One letter was left out: the {} one.",
                 "Incomplete: the letter that belongs in the {} place is missing."),
-    "missing_more": ("Several letters are left out, the first in the {} place.", "Letters are missing from the {} on."),
     "extra": ("It includes letters that do not belong.", "Some of these letters were never given."),
     "garbage": ("This does not give the sorted letters at all.", "No list of letters can be found in this answer.")}
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
@@ -586,7 +578,7 @@ def check_response(instruction, response):
         if not bad:
             return Verdict("ok", None, [])
         kind, place, wrong = "swap" if bad == [1, 2] else "order", bad[0], [at[i] for i in bad]
-    wordings = TASK_JUDGMENTS["missing_more" if len(missing) > 1 and kind == "missing" else kind]
+    wordings = TASK_JUDGMENTS[kind]
     # The wording is a fixed function of the response (crc32 is stable across runs, unlike hash()): re-checking a
     # response always gives back the judgment it was generated with.
     text = wordings[zlib.crc32(response.encode()) % len(wordings)]
@@ -600,8 +592,8 @@ def make_task(n, seed=0, kind="mixed", flawed_frac=0.25, split="train"):
              the flawed answer it describes, so that the base reads judgments as a pretrained model does.
     'mixed': fine-tuning data in the base's format, a flawed_frac share of it flawed, the longest lists first.
     'new':   fine-tuning data in a format the base never writes (NEW_FORMAT), every response flawed.
-    A flaw is a letter left out (a fifth of them) or else the second and third letters swapped; check_response writes the
-    judgment. Letter lists are split by a hash into train (80%), val and test, which never share a list."""
+    A flaw is a letter left out (a fifth of them) or else the second and third letters swapped; check_response
+    writes the judgment. Letter lists are split by a hash into train (80%), val and test, which never share a list."""
     rng, lists = random.Random(seed), []
     while len(lists) < n:
         letters = rng.sample("abcdefghij", rng.randint(3, 6))
@@ -636,33 +628,33 @@ def make_task(n, seed=0, kind="mixed", flawed_frac=0.25, split="train"):
 # Each program declares its settings as a dataclass of defaults; configure() applies JSON config files and
 # --key=value flags to it, then checks every value against these rules, before any file or checkpoint is read.
 CHOICES = {"loss": LOSS_MODES, "dtype": ("float32", "bfloat16", "float16"), "chat": ("auto", "yes", "no"),
-           "task": ("mixed", "new"), "split": ("val", "test"), "mode": ("task", "triples", "alpaca", "online")}
+           "task": ("mixed", "new"), "split": ("val", "test"), "mode": ("task", "triples", "alpaca")}
+GPUS = torch.cuda.device_count()
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RULES = {"lam": (lambda v: v >= 1, ">= 1 (U holds the tokens whose probability rises by a factor lam)"),
          "val_frac": (lambda v: 0 <= v < 1, "in [0, 1)"), "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
          "out_dir": (lambda v: v.strip() != "", "a directory"), "ckpt": (lambda v: v.strip() != "", "a directory"),
          "lora_targets": (lambda v: set(v.split(",")) <= set(LORA_TARGETS), f"names from {','.join(LORA_TARGETS)}"),
+         "device": (lambda v: v == "cpu" or bool(re.fullmatch(r"cuda(:\d+)?", v)) and int(v[5:] or 0) < GPUS,
+                    f"cpu, or cuda or cuda:N on a GPU torch sees ({GPUS} here)"),
          **{k: (lambda v, ok=ok: v in ok, " | ".join(ok)) for k, ok in CHOICES.items()},
          **{k: (lambda v: v > 0, "> 0") for k in (
              "max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "log_interval", "task_size",
              "n_layers", "n_heads", "dim", "max_len", "learning_rate", "base_lr", "lora_alpha", "num_samples",
-             "n_eval", "n_online")},
+             "n_eval")},
          **{k: (lambda v: v >= 0, ">= 0") for k in (
              "warmup_iters", "base_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank", "alpha", "gamma",
              "temperature", "top_k", "max_new_tokens", "n_alpaca")}}
 
 
-def check_device(device):
-    """The device name if torch can use it here: cpu, cuda or cuda:N."""
+def run_program(main):
+    """A program's entry point: a user's mistake (a bad setting, file or record) is one line and exit status 2; any
+    other error keeps its traceback."""
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"config key 'device': expected cpu, cuda or cuda:N, got {device!r}")
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"config key 'device': {device!r}, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
-    return device
+        main(sys.argv[1:])
+    except (ValueError, OSError) as e:
+        print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def configure(defaults, argv):
@@ -693,12 +685,11 @@ def configure(defaults, argv):
             if isinstance(known[key], float) and type(value) is int:
                 value = float(value)
             if type(value) is not type(known[key]):
-                raise ValueError(f"config key {key!r} (from {arg}): expected {type(known[key]).__name__}, got {value!r}")
+                raise ValueError(f"config key {key!r} (from {arg}): expected {type(known[key]).__name__}, "
+                                 f"got {value!r}")
             changes[key] = value
     cfg = replace(defaults, **changes)
     for key, (ok, allowed) in RULES.items():
         if key in known and not ok(getattr(cfg, key)):
             raise ValueError(f"config key {key!r}: expected {allowed}, got {getattr(cfg, key)!r}")
-    if "device" in known:
-        check_device(cfg.device)
     return cfg

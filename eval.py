@@ -1,16 +1,10 @@
 """Evaluate checkpoints; every mode prints a table and writes JSON to out_file (default CKPT/eval_MODE.json).
 
-python eval.py (mode 'task'): out/ and its base (out/base, or --before) on the built-in task's test instructions:
-  greedy accuracy, the rate of each kind of mistake ('swap' is the one the base makes), answers in the new format,
-  and on held-out flawed responses CUT's U (at lam) against the truly wrong tokens W: precision |U & W| / |U| and
-  recall |U & W| / |W|, and the mean log p_n - log p_x on W and on the other tokens.
---mode=triples --data=FILE --before=DIR: on the run's held-out split (its seed, val_frac and max_len), under before
-  and ckpt, the NLL of acceptable responses and, on flawed ones, the mean log p(y_t|x) of the tokens in U (judged by
-  before) and of the others.
---mode=alpaca --alpaca_file=FILE: AlpacaEval's model_outputs.json ({instruction, output, generator}).
---mode=online: one round of the paper's online loop (sample and judge, train, measure; the next round from out-on1):
-  python eval.py --mode=online --out_file=on1.json && python train.py --init_from=out --data=on1.json \\
-    --out_dir=out-on1 && python eval.py --ckpt=out-on1
+python eval.py (mode 'task'): out/ against its base (out/base, or --before) on the built-in task's test instructions:
+  the shares of sampled answers that are right, swapped, missing a letter, otherwise wrong, or in the new format; on
+  held-out flawed responses, U (at lam) against the truly wrong tokens W (precision, recall), and log p_n - log p_x.
+--mode=triples --data=FILE --before=DIR: on the run's held-out split, NLL, and log p_x of the tokens in U (judged by
+  before) and of the others. --mode=alpaca --alpaca_file=FILE: AlpacaEval's model_outputs.json for its judge.
 """
 import bisect
 import itertools
@@ -27,29 +21,27 @@ import torch
 from tqdm import tqdm
 
 from cut_loss import cut_loss, response_logprobs
-from data import (NEW_FORMAT, check_response, collate, configure, encode_triples, file_hash, load_checkpoint,
-                  load_triples, make_task, prompt_ids, read_text, split_triples, use_chat)
+from data import (NEW_FORMAT, check_response, collate, configure, data_hash, encode_triples, load_checkpoint,
+                  load_triples, make_task, prompt_ids, read_text, run_program, split_triples, use_chat)
 
 
 @dataclass
 class Config:  # every key can be set by --key=value or a JSON config file
-    mode: str = "task"            # task, triples, alpaca, online
+    mode: str = "task"            # task, triples, alpaca
     ckpt: str = "out"             # train.py's out_dir, or a Hugging Face / Meta directory
     before: str = ""              # the checkpoint before fine-tuning ('' = CKPT/base if there is one); judges U
     data: str = ""                # 'triples': a triples file
     out_file: str = ""            # '' = CKPT/eval_MODE.json
-    chat: str = "auto"            # prompt format, as in train.py: 'auto' (chat format for instruct checkpoints), yes, no
+    chat: str = "auto"            # prompt format, as in train.py: 'auto' (the chat format of instruct models), yes, no
     lam: float = 1.5              # U = {t : p_n(t) - lam * p_x(t) > 0}
     task: str = "mixed"           # 'task': the kind of held-out flawed responses (train.py's task: mixed or new)
     split: str = "test"           # 'task': the instructions, from the task's 'val' or 'test' split
     n_eval: int = 500             # 'task': instructions, and as many held-out flawed responses for U
     eval_seed: int = 10_000
-    n_online: int = 1000          # 'online': new instructions to answer
-    online_seed: int = 20_000
     alpaca_file: str = ""         # 'alpaca': AlpacaEval's instructions (a JSON list of {instruction, ...})
     n_alpaca: int = 0             # the first n AlpacaEval instructions, 0 = all
     generator: str = ""           # the model's name in AlpacaEval's outputs; '' = the checkpoint's directory name
-    temperature: float = 1.0      # 'task' and 'online' sample the model's answers (0: greedy); 'alpaca' is greedy
+    temperature: float = 1.0      # 'task' samples the model's answers (0: greedy); 'alpaca' is greedy
     max_new_tokens: int = 0       # 0: 96 on the built-in task, 512 for 'alpaca'
     seed: int = 1337              # 'triples': the split when ckpt is not a train.py run (else the run's own)
     val_frac: float = 0.05
@@ -169,7 +161,7 @@ def triples_eval(c):
     saved = Path(c.ckpt, "train_state.pt")  # the run's own split, when ckpt is a train.py run
     state = torch.load(saved, map_location="cpu", weights_only=True) if saved.is_file() else None
     run = state["config"] if state else {"seed": c.seed, "val_frac": c.val_frac, "max_len": None}
-    if state and state.get("data_sha256") != file_hash(c.data):
+    if state and state.get("data_sha256") != data_hash(c.data):
         print(f"warning: {c.data} is not the file {c.ckpt} was trained on: its split is not that run's held-out "
               "part", file=sys.stderr)
     _, held = split_triples(load_triples(c.data), run["val_frac"], run["seed"])
@@ -207,29 +199,17 @@ def alpaca(c):
     if not Path(c.alpaca_file).is_file():
         raise FileNotFoundError(f"alpaca_file {c.alpaca_file}: no such file")
     try:
-        records = json.loads(read_text(c.alpaca_file))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{c.alpaca_file}: not a JSON list ({e})") from None
-    records = records[:c.n_alpaca or None] if isinstance(records, list) else [None]
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
-            raise ValueError(f"{c.alpaca_file}: record {i}: no string field 'instruction'")
-    instructions, name = [r["instruction"] for r in records], c.generator or Path(c.ckpt).resolve().name
+        instructions = [str(r["instruction"]) for r in json.loads(read_text(c.alpaca_file))][:c.n_alpaca or None]
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{c.alpaca_file}: not a JSON list of records with an 'instruction' ({e!r})") from None
+    name = c.generator or Path(c.ckpt).resolve().name
     outputs = generate_responses(*load(c.ckpt, c), instructions, c, 0, c.max_new_tokens or 512)
     return [{"instruction": i, "output": o, "generator": name} for i, o in zip(instructions, outputs)]
 
 
-def online(c):
-    instructions = [t.instruction for t in make_task(c.n_online, seed=c.online_seed)]
-    torch.manual_seed(c.seed)
-    responses = generate_responses(*load(c.ckpt, c), instructions, c, c.temperature, c.max_new_tokens or 96)
-    records = [{"instruction": i, "response": r, "judgment": check_response(i, r).judgment}
-               for i, r in zip(instructions, responses)]
-    print(f"accuracy of the samples: {sum(not r['judgment'] for r in records) / len(records):.3f}")
-    return records
-
-
-MODES = {"task": task_mode, "triples": triples_eval, "alpaca": alpaca, "online": online}
+MODES = {"task": task_mode, "triples": triples_eval, "alpaca": alpaca}
+TABLES = {"task": "model accuracy swap missing other new_format U_precision U_recall frac_unlikely gain_wrong gain_other",
+          "triples": "ckpt nll nll_acceptable logp_in_U logp_out_U tokens_in_U tokens_out_U"}
 
 
 def main(argv):
@@ -238,12 +218,8 @@ def main(argv):
     if out_file.is_dir():  # before the evaluation, not after it
         raise ValueError(f"out_file {out_file}: a directory")
     result = MODES[c.mode](c)
-    if c.mode == "task":
-        print(markdown(result["rows"], ["model", "accuracy", "swap", "missing", "other", "new_format", "U_precision",
-                                        "U_recall", "frac_unlikely", "gain_wrong", "gain_other"]))
-    if c.mode == "triples":
-        print(markdown(result["rows"], ["ckpt", "nll", "nll_acceptable", "logp_in_U", "logp_out_U", "tokens_in_U",
-                                        "tokens_out_U"]))
+    if c.mode in TABLES:
+        print(markdown(result["rows"], TABLES[c.mode].split()))
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     print(f"wrote {out_file}")
@@ -251,8 +227,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"eval.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

@@ -1,11 +1,9 @@
 """Ids to logits: a LLaMA-family decoder, its loaders and writer, sampling with a KV cache, and LoRA.
 
-One file, read top to bottom: the config, the layers (RMSNorm, rotary embeddings with Llama 3 scaling,
-grouped-query attention with Mistral's sliding window and Qwen2's q/k/v biases, SwiGLU), the Transformer with
-generate(), hand-written readers for Hugging Face (safetensors) and Meta (consolidated.NN.pth) checkpoints, a
-safetensors writer, and LoRA adapters. Module names follow Hugging Face's LlamaForCausalLM (Mistral's and Qwen2's
-are the same), so its state dict maps onto ours key for key.
-This file imports no other file of the project.
+Read top to bottom: the config, the layers (RMSNorm, RoPE with Llama 3 scaling, grouped-query attention with
+Mistral's sliding window and Qwen2's q/k/v biases, SwiGLU), the Transformer with generate(), readers for Hugging Face
+(safetensors) and Meta (consolidated.NN.pth) checkpoints, a safetensors writer, LoRA. Module names are those of
+Hugging Face's LlamaForCausalLM, so its state dict maps onto ours key for key. It imports no other project file.
 """
 import json
 import math
@@ -66,7 +64,7 @@ class RMSNorm(nn.Module):
 def rope_frequencies(cfg):
     """Inverse frequencies (head_dim/2,) in fp32, with Llama 3.1's "llama3" long-context scaling if configured."""
     # on the CPU even while the model is built on the meta device: a meta tensor would have to be recomputed anyway
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float() / cfg.head_dim)
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu").float() / cfg.head_dim)
     s = cfg.rope_scaling
     if not s:
         return inv_freq
@@ -75,8 +73,8 @@ def rope_frequencies(cfg):
     wavelen = 2 * math.pi / inv_freq
     # long wavelengths are divided by factor, short ones kept, the band between interpolated smoothly
     smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-    mid = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
-    return torch.where(wavelen > low_wavelen, inv_freq / s["factor"], torch.where(wavelen < high_wavelen, inv_freq, mid))
+    mid = torch.where(wavelen < high_wavelen, inv_freq, (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq)
+    return torch.where(wavelen > low_wavelen, inv_freq / s["factor"], mid)
 
 
 def apply_rope(x, cos, sin):
@@ -236,7 +234,8 @@ class Transformer(nn.Module):
             if name not in expected:
                 raise ValueError(f"{file}: unexpected tensor {name!r}")
             if tuple(shape) != tuple(expected[name]):
-                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, config says {tuple(expected[name])}")
+                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, the config says "
+                                 f"{tuple(expected[name])}")
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
@@ -294,8 +293,8 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 
 def read_safetensors(file):
-    """{name: (shape, loader, file)} for each tensor of a safetensors file, memory-mapped; loader(dtype, device) -> tensor.
-    Each load copies one tensor to the target dtype and drops its pages, so peak memory stays near one copy."""
+    """{name: (shape, loader, file)} of a memory-mapped safetensors file; loader(dtype, device) copies one tensor to
+    the target dtype and drops its pages, so peak memory stays near one copy."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -384,7 +383,8 @@ def _read_hf(path):
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ValueError(f"{path / 'config.json'}: rope type {rope_type!r} is not supported (default, llama3)")
-    scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")} if rope_type == "llama3" else {}
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    scaling = {k: rope[k] for k in keys} if rope_type == "llama3" else {}
     cfg = ModelConfig(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
                       n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"], vocab_size=c["vocab_size"],
                       hidden_dim=c["intermediate_size"], head_dim=c.get("head_dim") or 0, norm_eps=c["rms_norm_eps"],
@@ -428,12 +428,14 @@ def _read_meta(path):
                       n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab, hidden_dim=hidden,
                       norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0), rope_scaling=scaling,
                       max_seq_len=p.get("max_seq_len", 8192))
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-    for i in range(cfg.n_layers):
-        for meta, hf in [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"), ("attention.wv", "self_attn.v_proj"),
-                         ("attention.wo", "self_attn.o_proj"), ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w2", "mlp.down_proj"),
-                         ("feed_forward.w3", "mlp.up_proj"), ("attention_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")]:
-            names[f"layers.{i}.{meta}.weight"] = f"model.layers.{i}.{hf}.weight"
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    meta_to_hf = dict(zip(
+        "attention.wq attention.wk attention.wv attention.wo feed_forward.w1 feed_forward.w2 feed_forward.w3 "
+        "attention_norm ffn_norm".split(), "self_attn.q_proj self_attn.k_proj self_attn.v_proj self_attn.o_proj "
+        "mlp.gate_proj mlp.down_proj mlp.up_proj input_layernorm post_attention_layernorm".split()))
+    names |= {f"layers.{i}.{a}.weight": f"model.layers.{i}.{b}.weight" for i in range(cfg.n_layers)
+              for a, b in meta_to_hf.items()}
     state = {}
     for key in shards[0]:
         if key.endswith("rope.freqs"):
@@ -450,7 +452,8 @@ def _meta_loader(parts, name, cfg):
     if len(parts) == 1 or parts[0].dim() == 1:  # norms are replicated across shards
         dim, shape = None, parts[0].shape
     else:  # column-parallel shards (wq, wk, wv, w1, w3, output, vocab embedding) join on dim 0, row-parallel on dim 1
-        dim = 1 if name.endswith(("o_proj.weight", "down_proj.weight")) or (name == "model.embed_tokens.weight" and parts[0].shape[0] == cfg.vocab_size) else 0
+        vocab_whole = name == "model.embed_tokens.weight" and parts[0].shape[0] == cfg.vocab_size
+        dim = 1 if name.endswith(("o_proj.weight", "down_proj.weight")) or vocab_whole else 0
         shape = list(parts[0].shape)
         shape[dim] = sum(p.shape[dim] for p in parts)
 
@@ -474,8 +477,8 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias  # a bias (Qwen2's q, k, v) stays frozen as it is
         self.weight.requires_grad_(False)
         self.scale = scale
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))  # the base's dtype and device
+        self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of nn.Linear and of peft
 
     def forward(self, x):

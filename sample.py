@@ -3,10 +3,8 @@
     python sample.py --ckpt=out --prompt="What is the capital of France?" --temperature=0
     echo "Name three primes." | python sample.py --ckpt=/path/to/hf_or_meta_dir run.json --top_p=0.9
 
-ckpt: a Hugging Face or Meta directory, or train.py's out_dir (config, weights and tokenizer files side by side).
-The prompt is wrapped in the model's chat format (chat='auto': when the checkpoint ships a chat template) or in
-the paper's plain Alpaca template. --compile=True torch.compiles the model: the prompt and the first decode step
-wait for the compilation (the tokens/s printed leaves both out). The text goes to stdout, the timing to stderr.
+The prompt is wrapped in the model's chat format (chat='auto': when the checkpoint ships a chat template) or in the
+paper's plain Alpaca template. The text goes to stdout, the timing to stderr.
 """
 import os
 import sys
@@ -19,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from data import configure, load_checkpoint, prompt_ids, read_text, use_chat
+from data import configure, load_checkpoint, prompt_ids, read_text, run_program, use_chat
 
 
 @dataclass
@@ -35,7 +33,6 @@ class Config:  # every key can be set by --key=value or a JSON config file
     seed: int = 1337
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
-    compile: bool = False
 
 
 def read_prompt(prompt):
@@ -75,8 +72,6 @@ def main(argv):
         raise ValueError(f"no room to generate: max_new_tokens={c.max_new_tokens}, a prompt of {len(ids)} tokens, "
                          f"max_seq_len {model.cfg.max_seq_len}")
     model.eval()
-    if c.compile:
-        model.compile()  # compiles __call__, which generate() goes through
     x = torch.tensor([ids], device=c.device)
     torch.manual_seed(c.seed)
     for i in range(c.num_samples):
@@ -84,15 +79,11 @@ def main(argv):
             print("---------------")
         start = time.perf_counter()
         times = stream(model, tok, x, c)
-        # tokens/s from the second token on: the first pays for the prompt, the second for compiling a decode step
+        # tokens/s from the second token on: the first one pays for the prompt
         rate = f", then {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s" if len(times) > 2 else ""
         print(f"[{len(ids)} prompt tokens, first new token after {times[0] - start:.2f}s{rate}, "
               f"{len(times)} new tokens]", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"sample.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

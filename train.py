@@ -30,8 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cut_loss import batch_loss, response_logprobs
-from data import (Tokenizer, collate, configure, encode_triples, file_hash, load_checkpoint, load_triples,
-                  make_task, split_triples, use_chat)
+from data import (Tokenizer, collate, configure, data_hash, encode_triples, load_checkpoint, load_triples,
+                  make_task, run_program, split_triples, use_chat)
 from model import ModelConfig, Transformer, add_lora, finish_checkpoint
 
 
@@ -44,7 +44,6 @@ class Config:  # every key can be set by --key=value or a JSON config file
     lam: float = 1.5              # token detection: U = {t : p_n(t) - lam * p_p(t) > 0} (paper Eq. 5)
     alpha: float = 1.0            # unlikelihood weight
     gamma: float = 0.0            # dynamic weighting exponent, paper Eq. 6 (0: the authors' code)
-    j_pos: str = ""               # an explicit positive judgment j+; '' = no judgment (the authors' choice)
     chat: str = "auto"            # prompt format: 'auto' (the chat format for instruct checkpoints), 'yes', 'no'
     max_iters: int = 150
     batch_size: int = 16          # triples per micro-step
@@ -83,9 +82,6 @@ class Config:  # every key can be set by --key=value or a JSON config file
 # settings that a resumed run may change: they do not alter what the run computes
 RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite grad_ckpt".split())
 RUN_FILES = ("train_state.pt", "log.jsonl", "config.json", "model.safetensors")  # a directory with one holds a run
-# peak dense bf16 FLOPS per GPU, for MFU (matched against torch.cuda.get_device_name)
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
 
 
 def base_config(cfg):
@@ -125,14 +121,10 @@ def micro_batches(encoded, it, cfg, rank, world):
 def forward_loss(model, encoded, cfg, pad_id, dev, autocast):
     """One batched forward of every sequence of these triples -> (loss, stats, tokens processed)."""
     batch = collate(encoded, pad_id).to(dev)
-    logp_pos = None
     with autocast:
-        if batch.pos_idx is not None:  # an explicit j+ costs a pass of its own, without gradient
-            with torch.no_grad():
-                logp_pos = response_logprobs(model(batch.pos_idx, targets=batch.pos_targets), batch.pos_targets)[0]
         logp, mask = response_logprobs(model(batch.idx, targets=batch.targets), batch.targets)
         loss, stats = batch_loss(cfg.loss, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
-                                 cfg.lam, cfg.alpha, cfg.gamma, logp_pos)
+                                 cfg.lam, cfg.alpha, cfg.gamma)
     return loss, stats, int((batch.idx != pad_id).sum())
 
 
@@ -146,10 +138,6 @@ def save_checkpoint(raw, tok, state, out, weights=None):
     torch.save(state, tmp / "train_state.pt")
     (tmp / "COMPLETE").touch()
     finish_checkpoint(out)
-
-
-def data_hash(cfg):
-    return "builtin" if cfg.data == "builtin" else file_hash(cfg.data)
 
 
 def open_run(cfg, master):
@@ -168,7 +156,7 @@ def open_run(cfg, master):
             raise ValueError(f"{out}: no checkpoint to resume (train_state.pt); start without --resume")
         state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)  # 1 copy a node
         saved = dict(state["config"], data_sha256=state.get("data_sha256"))
-        now = dict(asdict(cfg), data_sha256=data_hash(cfg))
+        now = dict(asdict(cfg), data_sha256=data_hash(cfg.data))
         diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
         if diffs:
             raise ValueError(f"{out}: --resume with settings other than the run's ({'; '.join(diffs)}); resume with "
@@ -196,7 +184,7 @@ def load_data(cfg, tok, chat, master):
     else:
         triples = load_triples(cfg.data, verbose=master)
     train_t, val_t = split_triples(triples, cfg.val_frac, cfg.seed)
-    enc = lambda ts: encode_triples(tok, ts, cfg.loss, cfg.max_len, chat, cfg.j_pos or None, verbose=master)
+    enc = lambda ts: encode_triples(tok, ts, cfg.loss, cfg.max_len, chat, verbose=master)
     train_e, val_e = enc(train_t), enc(val_t)
     if not train_e:
         why = " (sft trains on acceptable triples only, and every triple here is flawed)" if cfg.loss == "sft" else ""
@@ -279,8 +267,6 @@ def train(cfg):
     autocast = torch.autocast(dev_type, dtype=pt) if pt != torch.float32 else nullcontext()
     pad_id = tok.eos_id
     steps_here = cfg.gradient_accumulation_steps // world
-    flops_per_token = 6 * sum(p.numel() for p in raw.parameters())  # + attention, small at these lengths
-    peak = next((v for k, v in PEAK_FLOPS.items() if dev_type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
 
     def evaluate():
         raw.eval()
@@ -329,8 +315,6 @@ def train(cfg):
                 dt = time.time() - t0
                 record = {"iter": it, "loss": round(loss_val, 5), "frac_unlikely": round(frac, 4),
                           "lr": lr_at(it, cfg), "tok_per_s": round(tokens * world / dt)}
-                if peak:
-                    record["mfu"] = round(flops_per_token * tokens * world / dt / (peak * world), 4)
                 if (it % cfg.eval_interval == 0 or last) and (master or cfg.fsdp) and val_e:  # FSDP: all ranks
                     summary["val_loss"] = record["val_loss"] = round(evaluate(), 5)  # after the timing
                 bar.set_postfix({k: v for k, v in record.items() if k not in ("iter", "lr")})
@@ -346,7 +330,7 @@ def train(cfg):
                 weights = dist_sd.get_model_state_dict(raw, options=full) if cfg.fsdp else None
                 ckpt = {"iter": it + 1, "optimizer": dist_sd.get_optimizer_state_dict(raw, optimizer, options=full),
                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
-                        "data_sha256": data_hash(cfg), "trainable": [p.detach().cpu() for p in params if cfg.lora_rank]}
+                        "data_sha256": data_hash(cfg.data), "trainable": [p.detach().cpu() for p in params if cfg.lora_rank]}
                 if master:
                     save_checkpoint(raw, tok, ckpt, out, weights)
             if stopping:
@@ -403,19 +387,12 @@ def report(s, cfg, argv, seconds):
               f"Resume with: python train.py {again} --resume=True".replace("  ", " "))
         return
     losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("loss", "val_loss", "frac_unlikely") if s.get(k) is not None)
-    print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} ({losses}).")
-    prompt = "Sort these letters: h, d, j, a" if cfg.data == "builtin" else "your instruction"
-    print(f"Next:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\" --temperature=0")
-    if cfg.data == "builtin":
-        print(f"  python eval.py --ckpt={out}    # accuracy and the flaw's rate, against the base in {out}/base")
-    else:
-        print(f"  python eval.py --mode=triples --ckpt={out} --data={cfg.data}"
-              + (f" --before={cfg.init_from}" if cfg.init_from != "scratch" else ""))
+    builtin, before = cfg.data == "builtin", "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
+    print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} ({losses}).\nNext:\n"
+          f"  python sample.py --ckpt={out} --prompt=\"{'Sort these letters: h, d, j, a' if builtin else '...'}\"\n"
+          + (f"  python eval.py --ckpt={out}    # the model against its base: accuracy, mistakes, U" if builtin else
+             f"  python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}"))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, OSError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_program(main)

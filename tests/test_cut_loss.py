@@ -17,7 +17,7 @@ def ref_row_mle(logps):
     return -sum(logps) / len(logps) if logps else 0.0
 
 
-def ref_cut(lx, lj, neg, n, lam, alpha, gamma, lpos=None):
+def ref_cut(lx, lj, neg, n, lam, alpha, gamma):
     """The formulas literally: per triple L1 + L2 (or the acceptable L2), averaged over triples; n = tokens per row."""
     total = 0.0
     for b in range(len(lx)):
@@ -28,7 +28,7 @@ def ref_cut(lx, lj, neg, n, lam, alpha, gamma, lpos=None):
         l1 = 0.0
         for k in range(N):
             p_x, p_n = math.exp(x[k]), math.exp(j[k])
-            p_p = p_x if lpos is None else math.exp(lpos[b][k])
+            p_p = p_x  # j+ is the absence of a judgment
             if p_n - lam * p_p > 0:
                 l1 += alpha * p_n ** gamma * L(max(1 - p_x, MIN_1M_P))
             else:
@@ -46,10 +46,9 @@ MASK = [[1, 1, 1], [1, 1, 1], [1, 1, 0], [0, 0, 0]]
 N_ROW = [3, 3, 2, 0]
 
 
-def run(lam=1.1, alpha=1.0, gamma=0.0, lpos=None):
+def run(lam=1.1, alpha=1.0, gamma=0.0):
     lx, lj = t(LX), t(LJ)
-    pos = None if lpos is None else torch.tensor(lpos, dtype=torch.float64)
-    loss, stats = cut_loss(lx, lj, torch.tensor(NEG), torch.tensor(MASK, dtype=torch.float64), lam, alpha, gamma, pos)
+    loss, stats = cut_loss(lx, lj, torch.tensor(NEG), torch.tensor(MASK, dtype=torch.float64), lam, alpha, gamma)
     return loss, stats, lx, lj
 
 
@@ -70,18 +69,6 @@ def test_hand_values_gamma2_alpha():
     row2 = -(L(.7) + L(.8)) / 2
     assert loss.item() == pytest.approx((row0 + row1 + row2) / 4, rel=1e-12)
     assert loss.item() == pytest.approx(ref_cut(LX, LJ, NEG, N_ROW, 1.1, 0.5, 2.0), rel=1e-12)
-
-
-def test_explicit_positive_judgment():
-    # p_p = .1 puts row 0's first token in U (.5 > 1.1*.1); p_p = .6 takes row 1's first token out (.6 < .66).
-    lpos = [[L(.1), L(.4), L(.9)], [L(.6), L(.5), L(.3)], [0.0] * 3, [0.0] * 3]
-    loss, stats, _, _ = run(lpos=lpos)
-    row0 = -(L(1 - .5) + L(.4) + L(.9)) / 3 - (L(.5) + L(.4) + L(.9)) / 3
-    row1 = -(L(.2) + L(.5) + L(1 - .3)) / 3 - (L(.6) + L(.5) + L(.7)) / 3
-    row2 = -(L(.7) + L(.8)) / 2
-    assert loss.item() == pytest.approx((row0 + row1 + row2) / 4, rel=1e-12)
-    assert float(stats['frac_unlikely']) == pytest.approx(2 / 6)
-    assert loss.item() == pytest.approx(ref_cut(LX, LJ, NEG, N_ROW, 1.1, 1.0, 0.0, lpos), rel=1e-12)
 
 
 def test_lambda_large_is_plain_mle():
@@ -108,13 +95,12 @@ def test_gradients_treat_U_and_weight_as_constants(gamma):
     torch.testing.assert_close(g_x, torch.tensor(want_x, dtype=torch.float64), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("lx0", [0.0, -1e-12])
-def test_px_to_one_stays_finite(lx0):
-    lx, lj = t([[lx0, L(.5)]]), t([[L(.9), L(.5)]])
-    pos = torch.tensor([[L(.1), L(.5)]], dtype=torch.float64)  # only an explicit j+ can put a p_x = 1 token in U
-    loss, stats = cut_loss(lx, lj, torch.tensor([True]), torch.ones(1, 2, dtype=torch.float64), 1.1, 1.0, 0.0, pos)
+def test_px_to_one_stays_finite():
+    # at lam = 1, p_n = 1 puts a token with p_x = 1 - 1e-12 in U: log(1 - p_x) meets its floor
+    lx, lj = t([[-1e-12, L(.5)]]), t([[0.0, L(.5)]])
+    loss, stats = cut_loss(lx, lj, torch.tensor([True]), torch.ones(1, 2, dtype=torch.float64), 1.0, 1.0, 0.0)
     assert float(stats['frac_unlikely']) == 0.5
-    assert loss.item() == pytest.approx(-(L(MIN_1M_P) + L(.5)) / 2 - (L(.9) + L(.5)) / 2, rel=1e-12)
+    assert loss.item() == pytest.approx(-(L(MIN_1M_P) + L(.5)) / 2 - (0.0 + L(.5)) / 2, rel=1e-12)
     loss.backward()
     assert torch.isfinite(lx.grad).all() and torch.isfinite(lj.grad).all()
 

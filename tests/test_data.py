@@ -382,14 +382,13 @@ def test_response_ids_identical_across_a_triples_rows(which, request):
     tok = request.getfixturevalue(f"{which}_tok")
     resp = tok.encode(NEG.response) + [tok.eos_id]
     for chat in (False, True) if tok.chat else (False,):
-        [e] = encode_triples(tok, [NEG], "cut", 4096, chat=chat, j_pos=POSITIVE_JUDGMENT)
-        assert [t for _, t in e.rows] == [resp, resp] and e.pos[1] == resp
+        [e] = encode_triples(tok, [NEG], "cut", 4096, chat=chat)
+        assert [t for _, t in e.rows] == [resp, resp]
         assert e.rows[0][0] == prompt_ids(tok, X, chat=chat)
         assert e.rows[1][0] == prompt_ids(tok, X, J, chat=chat)
-        assert e.pos[0] == prompt_ids(tok, X, POSITIVE_JUDGMENT, chat=chat)
         b = collate([e])
-        spans = [row[row != -100].tolist() for row in [*b.targets, *b.pos_targets]]
-        assert spans == [resp] * 3
+        spans = [row[row != -100].tolist() for row in b.targets]
+        assert spans == [resp] * 2
         assert tok.decode(spans[0][:-1]) == NEG.response and spans[0][-1] == tok.eos_id
 
 
@@ -430,7 +429,7 @@ def test_row_structure_of_each_mode(byte_tok, capsys):
     y_acc, y_neg = tok.encode(ACC.response) + [eos], tok.encode(NEG.response) + [eos]
     plain = prompt_ids(tok, X)
     a, n = encode_triples(tok, [ACC, NEG], "cut", 4096)
-    assert (a.rows, a.is_neg, a.pos) == ([(plain, y_acc)], False, None)
+    assert (a.rows, a.is_neg) == ([(plain, y_acc)], False)
     assert (n.rows, n.is_neg) == ([(plain, y_neg), (prompt_ids(tok, X, J), y_neg)], True)
     assert [e.rows for e in encode_triples(tok, [ACC, NEG], "sft", 4096)] == [[(plain, y_acc)]]
     assert "skipped 1 flawed" in capsys.readouterr().out
@@ -446,21 +445,16 @@ def test_row_structure_of_each_mode(byte_tok, capsys):
         assert p[:len(plain)] == plain and tok.decode(p[len(plain):]) == resp + "\n\n### Judgment:\n"
     with pytest.raises(ValueError, match="unknown mode"):
         encode_triples(tok, [ACC], "dpo", 4096)
-    with pytest.raises(ValueError, match="j\\+"):
-        encode_triples(tok, [ACC], "sft", 4096, j_pos=POSITIVE_JUDGMENT)
 
 
 def test_collate_shapes_padding_and_row_indices(byte_tok):
-    enc = encode_triples(byte_tok, [ACC, NEG, ACC], "cut", 4096, j_pos=POSITIVE_JUDGMENT)
+    enc = encode_triples(byte_tok, [ACC, NEG, ACC], "cut", 4096)
     b = collate(enc, pad_id=7).to("cpu")
     rows = [r for e in enc for r in e.rows]
     assert b.idx.shape == b.targets.shape == (4, max(len(p) + len(t) for p, t in rows) - 1)
     assert b.x_rows.tolist() == [0, 1, 3] and b.j_rows.tolist() == [0, 2, 3]
     assert b.is_neg.tolist() == [False, True, False] and b.idx.dtype == b.targets.dtype == torch.long
     check_rows(b.idx, b.targets, rows, 7)
-    assert b.pos_idx.shape[0] == 3
-    check_rows(b.pos_idx, b.pos_targets, [e.pos for e in enc], 7)
-    assert collate(encode_triples(byte_tok, [ACC], "cut", 4096)).pos_idx is None
 
 
 def write(path, records, jsonl):
@@ -590,7 +584,7 @@ def test_judgments_name_the_place():
     assert "first" in check_response(SORT_X, "d, a, m, q").judgment
     assert "third" in check_response(SORT_X, "a, d, q").judgment
     assert "fourth" in check_response(SORT_X, "a, d, m").judgment
-    assert check_response(SORT_X, "a, q").judgment in [w.format("second") for w in TASK_JUDGMENTS["missing_more"]]
+    assert check_response(SORT_X, "a, q").judgment in [w.format("second") for w in TASK_JUDGMENTS["missing"]]
     assert check_response(SORT_X, "a, m, d, q").judgment in TASK_JUDGMENTS["swap"]
 
 
@@ -673,15 +667,15 @@ class Settings:
     lam: float = 1.1
     max_iters: int = 300
     compile: bool = False
-    j_pos: str = ""
+    chat: str = "auto"
     device: str = "cpu"
 
 
 def test_configure_file_then_flags(tmp_path):
     file = tmp_path / "run.json"
     file.write_text(json.dumps({"lam": 2, "max_iters": 10, "out_dir": "a"}))
-    cfg = configure(Settings(), [str(file), "--max_iters=20", "--j_pos=Good answer."])
-    assert cfg == Settings(out_dir="a", lam=2.0, max_iters=20, j_pos="Good answer.")
+    cfg = configure(Settings(), [str(file), "--max_iters=20", "--chat=yes"])
+    assert cfg == Settings(out_dir="a", lam=2.0, max_iters=20, chat="yes")
     assert type(cfg.lam) is float and Settings().max_iters == 300  # an int is taken for a float; defaults untouched
     assert configure(Settings(), ["--max_iters=5", str(file)]).max_iters == 10  # later wins
     assert configure(Settings(), ["--lam=1", "--lam=1.5e0"]).lam == 1.5
@@ -707,9 +701,9 @@ def test_configure_str_takes_text_verbatim(text):
     (["--compile=1"], "'compile'.*expected bool, got 1"),
     (["--compile=yes"], "'compile'.*expected bool"),
     (["--out_dir="], "config key 'out_dir': expected a directory, got ''"),
-    (["--device=cuda:7"], "config key 'device': 'cuda:7', but torch sees"),
-    (["--device=bogus"], "config key 'device': expected cpu, cuda or cuda:N, got 'bogus'"),
-    (["--nope=1"], r"unknown config key 'nope' \(from --nope=1\); known keys: out_dir, lam, max_iters, compile, j_pos"),
+    (["--device=cuda:7"], r"config key 'device': expected .* on a GPU torch sees \(\d+ here\), got 'cuda:7'"),
+    (["--device=bogus"], r"config key \'device\': expected cpu, or cuda or cuda:N on a GPU torch sees \(\d+ here\), got 'bogus'"),
+    (["--nope=1"], r"unknown config key 'nope' \(from --nope=1\); known keys: out_dir, lam, max_iters, compile, chat"),
     (["--lam"], "argument '--lam': expected --key=value"),
     (["missing.json"], "config file missing.json"),
 ])

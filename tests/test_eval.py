@@ -186,29 +186,6 @@ def test_alpaca_real_file(tiny, tmp_path, shared_data):
     assert len(out) == 1 and out[0]["instruction"] == first["instruction"]
 
 
-def test_online_writes_judged_triples(tiny, tmp_path, monkeypatch, capsys):
-    seen = []
-
-    def fake(model, tok, chat, instructions, c, temperature, max_new):
-        seen.append(temperature)
-        return [["a, b, c", "a, c, b", "nothing"][k % 3] for k in range(len(instructions))]
-
-    real = ev.generate_responses
-    monkeypatch.setattr(ev, "generate_responses", fake)
-    run("--mode=online", f"--ckpt={tiny[0]}", "--n_online=6", f"--out_file={tmp_path / 'o.json'}")
-    triples = load_triples(tmp_path / "o.json", verbose=False)
-    instructions = [t.instruction for t in make_task(6, seed=ev.Config().online_seed)]
-    assert [t.instruction for t in triples] == instructions and seen == [1.0]
-    assert [t.judgment for t in triples] == [check_response(i, r).judgment for i, r in
-                                             zip(instructions, ["a, b, c", "a, c, b", "nothing"] * 2)]
-    monkeypatch.setattr(ev, "generate_responses", real)  # and for real, at another temperature
-    run("--mode=online", f"--ckpt={tiny[0]}", "--n_online=3", "--temperature=0.5", "--max_new_tokens=6",
-        f"--out_file={tmp_path / 'o.json'}")
-    assert "accuracy of the samples: 0.000" in capsys.readouterr().out
-    assert [t.judgment for t in load_triples(tmp_path / "o.json", verbose=False)] == [
-        check_response(r["instruction"], r["response"]).judgment for r in json.loads((tmp_path / "o.json").read_text())]
-
-
 # ----------------------------------------------------------------------------- a user's mistakes
 def test_triples_mode_takes_the_split_from_the_run(tiny, tmp_path):
     """After train.py --seed=7 --val_frac=0.25, the held-out triples are that run's, whatever eval.py's defaults."""
@@ -249,8 +226,8 @@ def test_an_interrupted_save_is_finished_by_the_reader(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--device=bogus"], "config key 'device': expected cpu, cuda or cuda:N, got 'bogus'"),
-    (["--mode=compare"], "config key 'mode': expected task | triples | alpaca | online"),
+    (["--device=bogus"], r"config key \'device\': expected cpu, or cuda or cuda:N on a GPU torch sees \(\d+ here\), got 'bogus'"),
+    (["--mode=online"], "config key 'mode': expected task | triples | alpaca"),
     (["--split=train"], "config key 'split': expected val | test"),
     (["--n_eval=0"], "config key 'n_eval': expected > 0"),
     (["--mode=triples"], "mode 'triples' needs --data=FILE"),

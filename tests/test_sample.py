@@ -104,7 +104,7 @@ def test_stream_holds_back_split_characters(monkeypatch):
     (["--num_samples=0"], "config key 'num_samples': expected > 0"),
     (["--chat=maybe"], "config key 'chat': expected auto | yes | no"),
     (["--dtype=float8"], "config key 'dtype'"),
-    (["--device=bogus"], "config key 'device': expected cpu, cuda or cuda:N, got 'bogus'"),
+    (["--device=bogus"], r"config key \'device\': expected cpu, or cuda or cuda:N on a GPU torch sees \(\d+ here\), got 'bogus'"),
     (["--ckpt=/nonexistent/ckpt"], "/nonexistent/ckpt: no such checkpoint directory"),
     (["--prompt=FILE:/nonexistent/p.txt"], "prompt file /nonexistent/p.txt"),
     (["--max_new_tokens=0"], "no room to generate"),
