@@ -69,6 +69,8 @@ class Runner:
         """Train (or go on training) run_dir up to `steps` iterations; a copy of the model at each stage."""
         state = run_dir / "train_state.pt"
         done = torch.load(state, map_location="cpu", weights_only=True)["iter"] if state.is_file() else 0
+        if done:  # a finished run is reused only if it was trained with these settings (train.py's resume check)
+            train.open_run(configure(train.Config(), [*args, f"--out_dir={run_dir}", "--resume=True"]), master=False)
         if done < steps:
             flag = "--resume=True" if done else "--overwrite=True"
             self.sh(run_dir, "train.py", f"--out_dir={run_dir}", *args, f"--max_iters={steps}", flag)

@@ -5,8 +5,8 @@
     torchrun --nproc_per_node=8 train.py run.json     # a JSON config file, then --key=value flags (--fsdp=True)
 
 data.py turns triples into batches of sequences, model.py gives logits, cut_loss.py the loss; this file is the loop:
-AdamW with a cosine schedule, gradient accumulation, autocast, DDP or FSDP, LoRA, activation checkpointing, atomic
-checkpoints, --resume, and a clean stop on Ctrl-C or SIGTERM (a checkpoint, then the command that resumes).
+AdamW after a warmup at a constant or cosine-decayed rate, gradient accumulation, autocast, DDP or FSDP, LoRA,
+activation checkpointing, atomic checkpoints, --resume, and a clean stop on Ctrl-C or SIGTERM.
 """
 import json
 import math
@@ -41,7 +41,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     init_from: str = "scratch"    # 'scratch' or a checkpoint directory (Hugging Face, Meta, or a train.py out_dir)
     data: str = "builtin"         # a triples file (.json / .jsonl), or 'builtin': the built-in judgment task
     loss: str = "cut"             # cut, sft, sft_all, hindsight, forward
-    lam: float = 1.5              # token detection: U = {t : p_n(t) - lam * p_p(t) > 0} (paper Eq. 5)
+    lam: float = 1.5              # token detection: U = {t : p_n(t) - lam * p_x(t) > 0} (paper Eq. 5)
     alpha: float = 1.0            # unlikelihood weight
     gamma: float = 0.0            # dynamic weighting exponent, paper Eq. 6 (0: the authors' code)
     chat: str = "auto"            # prompt format: 'auto' (the chat format for instruct checkpoints), 'yes', 'no'

@@ -1,4 +1,4 @@
-"""compare.py's choices, tables and charts on a made-up grid: the selection rule, by hand."""
+"""compare.py's choices, tables and charts on a made-up grid (the selection rule, by hand), and its reuse of runs."""
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -47,3 +47,15 @@ def test_tables_and_charts(monkeypatch):
     assert "| mixed | cut | 0.001 | 1.5 | 50 | 3 | 0.700 |" in md
     for svg in (compare.svg_bars(rows), compare.svg_curves(curves)):
         assert ET.fromstring(svg).tag.endswith("svg")
+
+
+def test_a_finished_run_is_reused_only_with_its_own_settings(tmp_path, monkeypatch):
+    import train
+    args = ["--data=builtin", "--task_size=200", "--dim=32", "--n_layers=1", "--n_heads=2", "--max_len=160",
+            "--batch_size=4", "--base_iters=0", "--eval_interval=1000", "--device=cpu"]
+    train.main([*args, "--max_iters=2", f"--out_dir={tmp_path}"])
+    runner = compare.Runner(compare.Config(out_dir=str(tmp_path / "c")))
+    monkeypatch.setattr(runner, "sh", lambda *a: pytest.fail("trained again"))
+    assert runner.train_to(tmp_path, args, 2) == tmp_path / "step2"  # done: a copy of the model, no training
+    with pytest.raises(ValueError, match="lam 1.5 -> 2.0"):
+        runner.train_to(tmp_path, [*args, "--lam=2"], 2)

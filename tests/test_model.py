@@ -338,3 +338,16 @@ def test_grad_ckpt_recomputes_each_block_with_the_same_loss_and_gradients():
     torch.testing.assert_close(got[0], want[0])
     for k in want[1]:
         torch.testing.assert_close(got[1][k], want[1][k])
+
+
+class Payload:
+    def __reduce__(self):  # what a malicious .pth carries: code that runs when it is unpickled
+        return (print, ("ran",))
+
+
+def test_meta_file_with_pickled_code_is_refused_in_one_line(tmp_path, capsys):
+    torch.save({"tok_embeddings.weight": Payload()}, tmp_path / "consolidated.00.pth")
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 8, "n_layers": 1, "n_heads": 2, "vocab_size": 16}))
+    with pytest.raises(ValueError, match=r"consolidated.NN.pth that is not plain tensors \(pickled code or objects"):
+        Transformer.from_pretrained(tmp_path)
+    assert "ran" not in capsys.readouterr().out
