@@ -1,6 +1,8 @@
 """Benchmarks of this project against Hugging Face transformers, measured in the same run, printed as ratios.
 
     CUT_SMOLLM2=/path/to/smollm2 python bench.py model [--parts decode,load,fwd_bwd] [--repeats 5] [--threads 1]
+    CUT_SMOLLM2=/path/to/smollm2 python bench.py train --data=train-alpaca-sample-iter1.json
+    python bench.py memory            python bench.py gpu [--dry]
 
 Not a test. The CPU may be shared, so ours and theirs alternate (who goes first swaps each round), each figure is
 the median of the rounds, and the table also gives the spread of the rounds, (max - min) / median, and the ratio of
@@ -233,12 +235,11 @@ def bench_cut_vs_sft(args):
 
 def bench_train_tokens(args, batch_size=4, max_len=256):
     """Training tokens/s on SmolLM2 and real triples, bf16 autocast: ours (logits only at the response) vs transformers."""
-    from transformers import LlamaForCausalLM
     from data import Tokenizer, collate, encode_triples, load_triples
     path = checkpoint_dir()
-    data = HERE.parent / "shared/data/cut-online-iter1.json"
+    data = Path(args.data)
     if not data.is_file():
-        sys.exit(f"bench.py: {data} is absent")
+        sys.exit(f"bench.py: train needs --data=FILE, the CUT authors' triples (wwxu21/CUT, train-alpaca-sample-iter1.json)")
     tok = Tokenizer.from_pretrained(path)
     enc = encode_triples(tok, load_triples(data, verbose=False)[:64], "sft_all", max_len, chat=True, verbose=False)
     batches = [collate(enc[i:i + batch_size], tok.eos_id) for i in range(0, 8 * batch_size, batch_size)]
@@ -601,6 +602,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="model fwd_bwd: also print a torch.profiler table per side")
     parser.add_argument("--no_measure", action="store_true", help="memory: the table only, no CPU measurement")
     parser.add_argument("--dry", action="store_true", help="gpu: rehearse on the CPU, tiny shapes, no compile")
+    parser.add_argument("--data", default="", help="train: a triples file (the CUT authors' online iteration 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))

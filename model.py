@@ -13,7 +13,7 @@ import pickle
 import shutil
 import struct
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

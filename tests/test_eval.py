@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from data import Tokenizer, check_response, configure, load_triples, make_task, prompt_ids, split_triples
+from data import Tokenizer, check_response, configure, make_task, prompt_ids, split_triples
 from model import ModelConfig, Transformer
 
 
