@@ -209,10 +209,11 @@ class Tokenizer:
     def from_pretrained(cls, path):
         path = Path(path)
         if path.is_dir():
-            found = [path / n for n in ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+            # a SentencePiece tokenizer.model first: its tokenizer.json may be the Metaspace form that we refuse
+            found = [path / n for n in ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
                      if (path / n).is_file()]
             if not found:
-                raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or original/tokenizer.model; "
+                raise FileNotFoundError(f"{path}: no tokenizer.model, tokenizer.json or original/tokenizer.model; "
                                         f"{SUPPORTED}")
             path = found[0]
         if not path.is_file():

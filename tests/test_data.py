@@ -218,8 +218,18 @@ def test_unsupported_tokenizers_fail_clearly(tmp_path):
     with pytest.raises(ValueError, match="merges do not follow the vocab ids"):
         Tokenizer.from_pretrained(tmp_path / "bl")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="empty: no tokenizer.json, tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match="empty: no tokenizer.model, tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path / "empty")
+
+
+def test_a_directory_reads_sentencepieces_own_file_first(family_dir, tmp_path):
+    """Mistral v0.3's download: a Metaspace tokenizer.json, which we refuse, beside its tokenizer.model."""
+    spm = pytest.importorskip("sentencepiece")
+    shutil.copy(family_dir / "mistral-7b-v0.3.tokenizer.model", tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "byte_fallback": True},
+                                                         "pre_tokenizer": {"type": "Metaspace"}}))
+    ref = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert Tokenizer.from_pretrained(tmp_path).encode(" Hello  world") == ref.encode(" Hello  world")
 
 
 # ----------------------------------------------------------------------------- Llama 2, Mistral, Qwen
