@@ -208,7 +208,8 @@ def alpaca(c):
 
 
 MODES = {"task": task_mode, "triples": triples_eval, "alpaca": alpaca}
-TABLES = {"task": "model accuracy swap missing other new_format U_precision U_recall frac_unlikely gain_wrong gain_other",
+TABLES = {"task": "model accuracy swap missing other new_format U_precision U_recall frac_unlikely gain_wrong "
+                  "gain_other",
           "triples": "ckpt nll nll_acceptable logp_in_U logp_out_U tokens_in_U tokens_out_U"}
 
 

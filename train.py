@@ -330,7 +330,8 @@ def train(cfg):
                 weights = dist_sd.get_model_state_dict(raw, options=full) if cfg.fsdp else None
                 ckpt = {"iter": it + 1, "optimizer": dist_sd.get_optimizer_state_dict(raw, optimizer, options=full),
                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
-                        "data_sha256": data_hash(cfg.data), "trainable": [p.detach().cpu() for p in params if cfg.lora_rank]}
+                        "data_sha256": data_hash(cfg.data),
+                        "trainable": [p.detach().cpu() for p in params if cfg.lora_rank]}
                 if master:
                     save_checkpoint(raw, tok, ckpt, out, weights)
             if stopping:
