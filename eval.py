@@ -33,7 +33,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     data: str = ""                # 'triples': a triples file
     out_file: str = ""            # '' = CKPT/eval_MODE.json
     chat: str = "auto"            # prompt format, as in train.py: 'auto' (the chat format of instruct models), yes, no
-    lam: float = 1.5              # U = {t : p_n(t) - lam * p_x(t) > 0}
+    lam: float = 2.0              # U = {t : p_n(t) - lam * p_x(t) > 0}
     task: str = "mixed"           # 'task': the kind of held-out flawed responses (train.py's task: mixed or new)
     split: str = "test"           # 'task': the instructions, from the task's 'val' or 'test' split
     n_eval: int = 500             # 'task': instructions, and as many held-out flawed responses for U

@@ -140,9 +140,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)),
-            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)),
-            norm=RMSNorm(cfg.dim, cfg.norm_eps),
-        ))
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)), norm=RMSNorm(cfg.dim, cfg.norm_eps)))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -41,14 +41,14 @@ class Config:  # every key can be set by --key=value or a JSON config file
     init_from: str = "scratch"    # 'scratch' or a checkpoint directory (Hugging Face, Meta, or a train.py out_dir)
     data: str = "builtin"         # a triples file (.json / .jsonl), or 'builtin': the built-in judgment task
     loss: str = "cut"             # cut, sft, sft_all, hindsight, forward
-    lam: float = 1.5              # token detection: U = {t : p_n(t) - lam * p_x(t) > 0} (paper Eq. 5)
+    lam: float = 2.0              # token detection: U = {t : p_n(t) - lam * p_x(t) > 0} (paper Eq. 5)
     alpha: float = 1.0            # unlikelihood weight
     gamma: float = 0.0            # dynamic weighting exponent, paper Eq. 6 (0: the authors' code)
     chat: str = "auto"            # prompt format: 'auto' (the chat format for instruct checkpoints), 'yes', 'no'
-    max_iters: int = 150
+    max_iters: int = 600          # the built-in defaults: lr, lam and steps chosen on validation by compare.py
     batch_size: int = 16          # triples per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, over all processes together
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-4
     warmup_iters: int = 10
     decay_lr: bool = False        # after warmup: a cosine decay to min_lr, or (False) a constant learning_rate
     min_lr: float = 1e-4
@@ -370,6 +370,8 @@ def main(argv):
                 summary = train(phase(cfg))
         else:
             summary = train(cfg)
+        if ddp:  # no rank tears gloo down while rank 0 still saves: a rank aborted at exit under load without this
+            dist.barrier()
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -57,5 +57,5 @@ def test_a_finished_run_is_reused_only_with_its_own_settings(tmp_path, monkeypat
     runner = compare.Runner(compare.Config(out_dir=str(tmp_path / "c")))
     monkeypatch.setattr(runner, "sh", lambda *a: pytest.fail("trained again"))
     assert runner.train_to(tmp_path, args, 2) == tmp_path / "step2"  # done: a copy of the model, no training
-    with pytest.raises(ValueError, match="lam 1.5 -> 2.0"):
-        runner.train_to(tmp_path, [*args, "--lam=2"], 2)
+    with pytest.raises(ValueError, match="lam 2.0 -> 3.0"):
+        runner.train_to(tmp_path, [*args, "--lam=3"], 2)
