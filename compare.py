@@ -3,10 +3,11 @@
     python compare.py --jobs=2        # out/compare/compare.{json,md}, figures/compare.svg and figures/curves.svg
 
 One base model (train.py's base phase) is fine-tuned by every method in two regimes (docs/cut.md says why):
-  mixed  the base's own answer format, 80% of the responses flawed: the authors' online-iteration mix;
+  mixed  the base's own answer format, 25% of the responses flawed: the authors' online-iteration mix;
   new    a format that the base never writes, every response flawed: the paper's Shepherd setting.
 For each method the learning rate (and lambda for cut) comes from one grid and the number of steps from one
-schedule, chosen by greedy accuracy on the validation instructions (in 'new': correct and in the new format).
+schedule, chosen by the accuracy of sampled answers to the validation instructions (in 'new': correct and in
+the new format).
 The test instructions, which share no letter list with validation or training, are evaluated once, at the chosen
 settings, for every seed. Each run resumes where it stopped: rerun the command after an interruption.
 This is an experiment driver: it runs train.py and eval.py as a user would.
