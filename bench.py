@@ -239,7 +239,7 @@ def bench_train_tokens(args, batch_size=4, max_len=256):
     path = checkpoint_dir()
     data = Path(args.data)
     if not data.is_file():
-        sys.exit(f"bench.py: train needs --data=FILE, the CUT authors' triples (wwxu21/CUT, train-alpaca-sample-iter1.json)")
+        sys.exit("bench.py: train needs --data=FILE, the CUT authors' triples (wwxu21/CUT, train-alpaca-sample-iter1.json)")
     tok = Tokenizer.from_pretrained(path)
     enc = encode_triples(tok, load_triples(data, verbose=False)[:64], "sft_all", max_len, chat=True, verbose=False)
     batches = [collate(enc[i:i + batch_size], tok.eos_id) for i in range(0, 8 * batch_size, batch_size)]

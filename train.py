@@ -212,7 +212,7 @@ def train(cfg):
     if cfg.data != "builtin" and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"data {cfg.data}: no such triples file")
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out_dir)
+    out, data_sha256 = Path(cfg.out_dir), data_hash(cfg.data)  # once: not a file read per checkpoint
     state = open_run(cfg, master)
     if ddp:  # the other ranks go on once rank 0 has finished an interrupted save and cleaned the directory
         dist.barrier()
@@ -330,7 +330,7 @@ def train(cfg):
                 weights = dist_sd.get_model_state_dict(raw, options=full) if cfg.fsdp else None
                 ckpt = {"iter": it + 1, "optimizer": dist_sd.get_optimizer_state_dict(raw, optimizer, options=full),
                         "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
-                        "data_sha256": data_hash(cfg.data),
+                        "data_sha256": data_sha256,
                         "trainable": [p.detach().cpu() for p in params if cfg.lora_rank]}
                 if master:
                     save_checkpoint(raw, tok, ckpt, out, weights)
