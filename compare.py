@@ -41,7 +41,7 @@ class Config:
     jobs: int = 1                   # train.py / eval.py processes at once
     lrs: str = "1e-4,3e-4,1e-3"     # the learning-rate grid, for every method
     lams: str = "1.1,1.5,2,3"       # cut's lambda grid
-    stages: str = "50,100,200,300,450,600"  # the schedule: steps at which validation accuracy is measured
+    stages: str = "50,100,200,300,450,600,900,1200"  # the schedule: steps at which validation accuracy is measured
     seeds: int = 3                  # at the chosen settings (seed 1 is the grid's own run)
     n_val: int = 300
     n_test: int = 500
@@ -170,8 +170,8 @@ def summarize(result):
     rows = []
     for regime in METHODS:
         b = result["base"][regime]["test"]
-        rows.append(dict(regime=regime, method="(base)", lr=None, lam=None, step=0, seeds=1, **{k: b[k] for k in COLUMNS},
-                         spread="–"))
+        rows.append(dict(regime=regime, method="(base)", lr=None, lam=None, step=0, seeds=1,
+                         **{k: b[k] for k in COLUMNS}, spread="–"))
         for ch in (ch for ch in result["chosen"] if ch["regime"] == regime):
             ts = [t for t in result["tests"] if (t["regime"], t["method"]) == (regime, ch["method"])]
             key = METRIC[regime]
@@ -199,7 +199,8 @@ def report(result):
             pts = [(p[METRIC[regime]], g["lr"], p) for g in result["grid"] if (g["regime"], g["method"], g["lam"])
                    == (regime, "cut", lam) for p in g["curve"]]
             best = max(pts, key=lambda x: x[0])
-            sweep.append(dict(regime=regime, lam=f"{lam:g}", lr=f"{best[1]:g}", **{k: best[2][k] for k in ("step", *COLUMNS)}))
+            sweep.append(dict(regime=regime, lam=f"{lam:g}", lr=f"{best[1]:g}",
+                              **{k: best[2][k] for k in ("step", *COLUMNS)}))
     md.append(markdown(sweep, ["regime", "lam", "lr", "step", "accuracy", "swap", "missing", "new_format",
                             "ok_new_format", "frac_unlikely", "U_precision", "U_recall"]))
     md.append("\n## Validation curves at the chosen learning rate (and lambda): the selection metric per step\n")
