@@ -212,8 +212,8 @@ def train(cfg):
     if cfg.data != "builtin" and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"data {cfg.data}: no such triples file")
     torch.manual_seed(cfg.seed)
-    out, data_sha256 = Path(cfg.out_dir), data_hash(cfg.data)  # once: not a file read per checkpoint
-    state = open_run(cfg, master)
+    out, state = Path(cfg.out_dir), open_run(cfg, master)
+    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)  # read once; a resume's was checked already
     if ddp:  # the other ranks go on once rank 0 has finished an interrupted save and cleaned the directory
         dist.barrier()
 
