@@ -5,23 +5,18 @@ B triples, N response tokens per row, left-aligned (column t = t-th token of y, 
 float `mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is the paper's N.
 """
 import torch
-import torch.nn.functional as F
 
 MIN_1M_P = 1e-5  # floor on 1 - p_x inside log(1 - p_x): finite loss and gradient as p_x -> 1
 
 
-def response_logprobs(logits, targets, ignore_index=-100):
-    """log p(target) of every trained token, left-aligned per row: (logp (R, N), mask (R, N) float).
+def response_logprobs(token_logp, targets, ignore_index=-100):
+    """The log-probs of the trained tokens, left-aligned per row: (logp (R, N), mask (R, N) float).
 
-    logits (R, T, V), or (n, V) taken at the trained positions only: model(idx, keep=targets != ignore_index),
-    or (n,) log p(target) there already: model(idx, targets=targets), which never holds all n x V logits at once.
-    targets (R, T) next-token targets, ignore_index except on the trained span (y + EOS).
+    token_logp (n,): log p(target) at the trained positions, in row-major order, as model(idx, targets=targets)
+    gives it. targets (R, T): next-token targets, ignore_index except on the trained span (y + EOS).
     """
     trained = targets != ignore_index
     rows, pos = trained.nonzero(as_tuple=True)
-    picked = logits if logits.dim() < 3 else logits[rows, pos]
-    # Only the trained positions go through the log-softmax, in float32 (autocast keeps cross_entropy there).
-    token_logp = picked if picked.dim() == 1 else -F.cross_entropy(picked.float(), targets[rows, pos], reduction='none')
     lengths = trained.sum(1)
     slot = trained.cumsum(1)[rows, pos] - 1  # 0 at the first trained position of each row
     N = int(lengths.max()) if len(targets) else 0
@@ -36,7 +31,7 @@ def mle_loss(logp, mask):
     return row_nll.sum() / max(len(logp), 1)
 
 
-def cut_loss(logp_x, logp_j, is_neg, mask, lam=1.1, alpha=1.0, gamma=0.0):
+def cut_loss(logp_x, logp_j, is_neg, mask, lam=2.0, alpha=1.0, gamma=0.0):
     """L_CUT = L1 + L2 per triple, averaged over the B triples. Returns (loss, stats).
 
     logp_x  (B, N): log p_x(t) = log p(y_t | y_<t, x)

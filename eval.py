@@ -21,8 +21,10 @@ import torch
 from tqdm import tqdm
 
 from cut_loss import cut_loss, response_logprobs
-from data import (NEW_FORMAT, check_response, collate, configure, data_hash, encode_triples, load_checkpoint,
-                  load_triples, make_task, prompt_ids, read_text, run_program, split_triples, use_chat)
+from data import collate, encode_triples, load_checkpoint, prompt_ids, split_triples, use_chat
+from support.settings import configure, run_program
+from support.triple_files import data_hash, load_triples, read_text
+from tasks import letters
 
 
 @dataclass
@@ -106,42 +108,52 @@ def token_positions(tok, response, offsets):
 
 def markdown(rows, columns):
     def cell(v):
-        return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+        if v is None:
+            return "–"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]) + "\n"
+    lines += ["| " + " | ".join(cell(r.get(k)) for k in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- modes
 def task_eval(model, tok, chat, c):
-    """The built-in task: greedy answers to the split's instructions, and U on held-out flawed responses."""
-    instructions = [t.instruction for t in make_task(c.n_eval, seed=c.eval_seed, split=c.split)]
+    """The built-in task: sampled answers to the split's instructions, and U on held-out flawed responses."""
+    tasks = letters.make_task(c.n_eval, seed=c.eval_seed, split=c.split)
+    instructions = [t.instruction for t in tasks]
     torch.manual_seed(c.seed)  # the same samples for the same model
     responses = generate_responses(model, tok, chat, instructions, c, c.temperature, c.max_new_tokens or 96)
-    kinds = [check_response(i, r).kind for i, r in zip(instructions, responses)]
-    new_format = [bool(NEW_FORMAT.fullmatch(r)) for r in responses]
-    result = {"accuracy": kinds.count("ok") / len(kinds), "swap": kinds.count("swap") / len(kinds),
-              "missing": kinds.count("missing") / len(kinds), "new_format": sum(new_format) / len(kinds),
-              "ok_new_format": sum(k == "ok" and f for k, f in zip(kinds, new_format)) / len(kinds)}
-    result["other"] = 1 - result["accuracy"] - result["swap"] - result["missing"]
-    # U, and log p_n - log p_x, on the truly wrong tokens W and on the others: does the judgment explain W alone?
-    flawed = make_task(c.n_eval, seed=c.eval_seed + 1, kind=c.task, flawed_frac=1.0, split=c.split)
-    n_hit = n_u = n_w = n = 0
-    gain_w, gain_other = [], []
+    result = letters.tally(instructions, responses)
+    flawed = letters.make_task(c.n_eval, seed=c.eval_seed + 1, kind=c.task, flawed_frac=1.0, split=c.split)
+    result.update(token_detection(model, tok, chat, flawed, c), lam=c.lam, n=len(instructions))
+    result["examples"] = [{"instruction": i, "response": r, "kind": letters.check_response(i, r).kind}
+                          for i, r in zip(instructions[:5], responses)]
+    return result
+
+
+def token_detection(model, tok, chat, flawed, c):
+    """U against the truly wrong tokens W of flawed responses (precision, recall), and log p_n - log p_x on W
+    and on the other tokens: does the judgment explain W alone?"""
+    in_u = []
+    wrong = []
+    gain = []
     for t, s in zip(flawed, score(model, tok, chat, flawed, c, model.cfg.max_seq_len)):
         if s is None:
             continue
         logp_x, logp_n, U = s
-        wrong = torch.zeros_like(U)
-        wrong[token_positions(tok, t.response, check_response(t.instruction, t.response).wrong)] = True
-        n_hit, n_u, n_w, n = n_hit + int((U & wrong).sum()), n_u + int(U.sum()), n_w + int(wrong.sum()), n + len(U)
-        gain_w.append((logp_n - logp_x)[wrong])
-        gain_other.append((logp_n - logp_x)[~wrong])
-    result.update(U_precision=n_hit / n_u if n_u else None, U_recall=n_hit / n_w, frac_unlikely=n_u / n,
-                  gain_wrong=torch.cat(gain_w).mean().item(), gain_other=torch.cat(gain_other).mean().item(),
-                  lam=c.lam, n=len(kinds))
-    result["examples"] = [{"instruction": i, "response": r, "kind": k}
-                          for i, r, k in zip(instructions[:5], responses, kinds)]
-    return result
+        w = torch.zeros_like(U)
+        w[token_positions(tok, t.response, letters.check_response(t.instruction, t.response).wrong)] = True
+        in_u.append(U)
+        wrong.append(w)
+        gain.append(logp_n - logp_x)
+    U = torch.cat(in_u)
+    W = torch.cat(wrong)
+    gain = torch.cat(gain)
+    hit = int((U & W).sum())
+    n_u = int(U.sum())
+    return {"U_precision": hit / n_u if n_u else None, "U_recall": hit / int(W.sum()),
+            "frac_unlikely": n_u / len(U), "gain_wrong": gain[W].mean().item(),
+            "gain_other": gain[~W].mean().item()}
 
 
 def task_mode(c):
@@ -208,13 +220,14 @@ def alpaca(c):
 
 
 MODES = {"task": task_mode, "triples": triples_eval, "alpaca": alpaca}
+CHOICES = {"mode": tuple(MODES), "task": ("mixed", "new"), "split": ("val", "test")}
 TABLES = {"task": "model accuracy swap missing other new_format U_precision U_recall frac_unlikely gain_wrong "
                   "gain_other",
           "triples": "ckpt nll nll_acceptable logp_in_U logp_out_U tokens_in_U tokens_out_U"}
 
 
 def main(argv):
-    c = configure(Config(), argv)
+    c = configure(Config(), argv, CHOICES)
     out_file = Path(c.out_file or Path(c.ckpt, f"eval_{c.mode}.json"))
     if out_file.is_dir():  # before the evaluation, not after it
         raise ValueError(f"out_file {out_file}: a directory")

@@ -17,7 +17,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from data import configure, load_checkpoint, prompt_ids, read_text, run_program, use_chat
+from data import load_checkpoint, prompt_ids, use_chat
+from support.settings import configure, run_program
+from support.triple_files import read_text
 
 
 @dataclass

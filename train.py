@@ -30,9 +30,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cut_loss import batch_loss, response_logprobs
-from data import (Tokenizer, collate, configure, data_hash, encode_triples, load_checkpoint, load_triples,
-                  make_task, run_program, split_triples, use_chat)
-from model import ModelConfig, Transformer, add_lora, finish_checkpoint
+from data import LOSS_MODES, collate, encode_triples, load_checkpoint, split_triples, use_chat
+from model import ModelConfig, Transformer, add_lora
+from support.checkpoint import finish_checkpoint
+from support.settings import configure, run_program
+from support.tokenizer import Tokenizer
+from support.triple_files import data_hash, load_triples
+from tasks.letters import make_task
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     dim: int = 128
 
 
+CHOICES = {"loss": LOSS_MODES, "task": ("mixed", "new")}
 # settings that a resumed run may change: they do not alter what the run computes
 RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite grad_ckpt".split())
 RUN_FILES = ("train_state.pt", "log.jsonl", "config.json", "model.safetensors")  # a directory with one holds a run
@@ -192,90 +197,186 @@ def load_data(cfg, tok, chat, master):
     return train_e, val_e
 
 
-def train(cfg):
-    """Run one training job; returns a summary: out_dir, iterations, last losses, and the signal that stopped it."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    master = rank == 0
-    dev = f"cuda:{os.environ['LOCAL_RANK']}" if ddp and cfg.device.startswith("cuda") else cfg.device
-    dev_type = torch.device(dev).type
+def check_settings(cfg, ddp, world):
+    """The settings that no single key's rule can judge, checked before anything is read or trained."""
     if cfg.gradient_accumulation_steps % world:
-        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide among "
-                         f"{world} processes (it counts micro-steps over all of them)")
+        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide "
+                         f"among {world} processes (it counts micro-steps over all of them)")
     if cfg.fsdp and (not ddp or cfg.lora_rank or cfg.compile or cfg.dtype == "float16"):
-        raise ValueError("fsdp=True shards a full fine-tune over torchrun's processes, in float32 or bfloat16, without "
-                         "compile; for LoRA use DDP (the adapters are small)")
+        raise ValueError("fsdp=True shards a full fine-tune over torchrun's processes, in float32 or bfloat16, "
+                         "without compile; for LoRA use DDP (the adapters are small)")
     if cfg.lora_rank and cfg.init_from == "scratch":
-        raise ValueError("lora_rank > 0 needs a pretrained init_from: adapters on random frozen weights learn nothing")
+        raise ValueError("lora_rank > 0 needs a pretrained init_from: adapters on random frozen weights "
+                         "learn nothing")
     if cfg.init_from != "scratch" and not Path(cfg.init_from).is_dir():
         raise FileNotFoundError(f"init_from {cfg.init_from}: no such checkpoint directory")
     if cfg.data != "builtin" and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"data {cfg.data}: no such triples file")
-    torch.manual_seed(cfg.seed)
-    out, state = Path(cfg.out_dir), open_run(cfg, master)
-    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)  # read once; a resume's was checked already
-    if ddp:  # the other ranks go on once rank 0 has finished an interrupted save and cleaned the directory
-        dist.barrier()
 
-    # the model: from scratch, or a checkpoint; LoRA adapters on a frozen base in the training dtype
-    pt = getattr(torch, cfg.dtype)
+
+def build_model(cfg, state, dev):
+    """(model, tokenizer): from scratch, or a checkpoint; sharded by FSDP if asked. A resumed full fine-tune
+    goes on from its own checkpoint, LoRA from its base (the saved adapters are put back later)."""
     if cfg.init_from == "scratch" and not state:
         tok = Tokenizer.byte_level()
-        model = Transformer(ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                        n_kv_heads=cfg.n_heads, vocab_size=tok.n_vocab, hidden_dim=3 * cfg.dim,
-                                        max_seq_len=cfg.max_len + 1)).to(dev)
-    else:  # a resumed full fine-tune goes on from its own checkpoint, LoRA from its base plus the saved adapters
-        src = out if state and not cfg.lora_rank else cfg.init_from
-        model, tok = load_checkpoint(src, dtype=pt if cfg.lora_rank else torch.float32, device=dev)
+        model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                                n_kv_heads=cfg.n_heads, vocab_size=tok.n_vocab, hidden_dim=3 * cfg.dim,
+                                max_seq_len=cfg.max_len + 1)
+        model = Transformer(model_cfg).to(dev)
+    else:
+        src = cfg.init_from
+        if state and not cfg.lora_rank:
+            src = cfg.out_dir
+        # LoRA's frozen base in the training dtype; a full fine-tune keeps fp32 master weights
+        dtype = getattr(torch, cfg.dtype) if cfg.lora_rank else torch.float32
+        model, tok = load_checkpoint(src, dtype=dtype, device=dev)
     if cfg.max_len > model.cfg.max_seq_len:
         raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     model.grad_ckpt = cfg.grad_ckpt
     if cfg.fsdp:  # one shard group per block, the root for the rest; compute in dtype, gradients reduced in fp32
         # cast_forward_inputs=False: RoPE's cos and sin stay fp32, as under autocast
-        mp = MixedPrecisionPolicy(param_dtype=pt, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
         for block in model.model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-    train_e, val_e = load_data(cfg, tok, use_chat(tok, cfg.chat), master)
+    return model, tok
+
+
+def trainable_params(model, cfg, state):
+    """The parameters AdamW trains: every one, or LoRA's adapters (fp32 on the low-precision frozen base)."""
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
         for p in model.parameters():
             if p.requires_grad:
-                p.data = p.data.float()  # adapters train in fp32 on the low-precision frozen base
+                p.data = p.data.float()
     params = [p for p in model.parameters() if p.requires_grad]
     if state and cfg.lora_rank:
         with torch.no_grad():
             for p, saved in zip(params, state["trainable"]):
                 p.copy_(saved)
-    decay = [p for p in params if p.dim() >= 2]  # no weight decay on norms (and biases)
+    return params
+
+
+FULL = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0's CPU (FSDP)
+
+
+def build_optimizer(model, params, cfg, state, dev):
+    """AdamW (no weight decay on norms and biases) and the float16 GradScaler, restored from state."""
+    decay = [p for p in params if p.dim() >= 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), fused=True)
-    scaler = torch.amp.GradScaler(dev_type, enabled=cfg.dtype == "float16")
-    start_iter = 0
-    full = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0's CPU (FSDP)
+    scaler = torch.amp.GradScaler(torch.device(dev).type, enabled=cfg.dtype == "float16")
     if state:
-        dist_sd.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=full)
+        dist_sd.set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL)
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
-        start_iter = state["iter"]
+    return optimizer, scaler
+
+
+@dataclass
+class Run:
+    """What the loop needs, set up by set_up()."""
+    model: torch.nn.Module  # what the loop calls: the module, compiled and/or wrapped in DDP
+    raw: Transformer        # the module itself: evaluation and checkpoints
+    tok: Tokenizer
+    params: list
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_e: list
+    val_e: list
+    start_iter: int
+    data_sha256: str
+    dev: str
+    rank: int
+    world: int
+    autocast: object
+
+
+def set_up(cfg):
+    """Check the settings and out_dir, then build the model, the data and the optimizer (resumed if asked)."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    dev = cfg.device
+    if ddp and cfg.device.startswith("cuda"):
+        dev = f"cuda:{os.environ['LOCAL_RANK']}"
+    check_settings(cfg, ddp, world)
+    torch.manual_seed(cfg.seed)
+    state = open_run(cfg, rank == 0)
+    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)  # a resume's was checked already
+    if ddp:  # the other ranks go on once rank 0 has finished an interrupted save and cleaned the directory
+        dist.barrier()
+    model, tok = build_model(cfg, state, dev)
+    train_e, val_e = load_data(cfg, tok, use_chat(tok, cfg.chat), rank == 0)
+    params = trainable_params(model, cfg, state)
+    optimizer, scaler = build_optimizer(model, params, cfg, state, dev)
     raw = model
     if cfg.compile:
         model = torch.compile(model)
     if ddp and not cfg.fsdp:  # gradients as views of DDP's buckets: no second copy of them
-        model = DDP(model, device_ids=[dev] if dev_type == "cuda" else None, gradient_as_bucket_view=True)
-    autocast = torch.autocast(dev_type, dtype=pt) if pt != torch.float32 else nullcontext()
-    pad_id = tok.eos_id
-    steps_here = cfg.gradient_accumulation_steps // world
+        device_ids = [dev] if torch.device(dev).type == "cuda" else None
+        model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    autocast = nullcontext()
+    if cfg.dtype != "float32":
+        autocast = torch.autocast(torch.device(dev).type, dtype=getattr(torch, cfg.dtype))
+    start_iter = state["iter"] if state else 0
+    return Run(model, raw, tok, params, optimizer, scaler, train_e, val_e, start_iter, data_sha256, dev,
+               rank, world, autocast)
 
-    def evaluate():
-        raw.eval()
-        with torch.no_grad():
-            losses = [forward_loss(raw, val_e[i:i + cfg.batch_size], cfg, pad_id, dev, autocast)[0].item()
-                      for i in range(0, min(len(val_e), 20 * cfg.batch_size), cfg.batch_size)]
-        raw.train()
-        return sum(losses) / len(losses)
 
+def train_step(run, it, cfg):
+    """One iteration: forward and backward of this process's micro-batches, then one AdamW step.
+    Returns (summed loss, summed frac_unlikely, tokens processed)."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr_at(it, cfg)
+    steps_here = cfg.gradient_accumulation_steps // run.world
+    sums = torch.zeros(2, device=run.dev)
+    tokens = 0
+    for m, encoded in enumerate(micro_batches(run.train_e, it, cfg, run.rank, run.world)):
+        if isinstance(run.model, DDP):  # synchronise gradients on the last micro-step only
+            run.model.require_backward_grad_sync = m == steps_here - 1
+        loss, stats, n = forward_loss(run.model, encoded, cfg, run.tok.eos_id, run.dev, run.autocast)
+        run.scaler.scale(loss / steps_here).backward()
+        sums += torch.stack([loss.detach().float(), torch.as_tensor(stats["frac_unlikely"], device=run.dev)])
+        tokens += n
+    if cfg.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    return sums, tokens
+
+
+def evaluate(run, cfg):
+    """The mean loss of up to 20 batches of the validation triples."""
+    run.raw.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(0, min(len(run.val_e), 20 * cfg.batch_size), cfg.batch_size):
+            batch = run.val_e[i:i + cfg.batch_size]
+            losses.append(forward_loss(run.raw, batch, cfg, run.tok.eos_id, run.dev, run.autocast)[0].item())
+    run.raw.train()
+    return sum(losses) / len(losses)
+
+
+def checkpoint_state(run, cfg, it):
+    """(train state, weights) to save after iteration it; every rank takes part (FSDP gathers)."""
+    weights = dist_sd.get_model_state_dict(run.raw, options=FULL) if cfg.fsdp else None
+    state = {"iter": it + 1, "optimizer": dist_sd.get_optimizer_state_dict(run.raw, run.optimizer, options=FULL),
+             "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
+             "data_sha256": run.data_sha256,
+             "trainable": [p.detach().cpu() for p in run.params if cfg.lora_rank]}
+    return state, weights
+
+
+def train(cfg):
+    """Run one training job; returns a summary: out_dir, iterations, last losses, and the signal that stopped it."""
+    run = set_up(cfg)
+    master = run.rank == 0
+    out = Path(cfg.out_dir)
     # Ctrl-C and SIGTERM (a cluster's preemption) end the current iteration, then save and stop; a second one kills
     stop = []
     on_signal = lambda signum, frame: (stop.append(signum), signal.signal(signum, signal.SIG_DFL))
@@ -283,57 +384,42 @@ def train(cfg):
     if master:
         out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.jsonl", "a") if master else None
-    bar = tqdm(range(start_iter, cfg.max_iters), initial=start_iter, total=cfg.max_iters, disable=not master,
-               desc=f"{cfg.loss} {out}", dynamic_ncols=True)
-    summary = {"out_dir": str(out), "iters": start_iter, "stopped_by": None}
-    warned, t0, tokens = False, time.time(), 0
+    bar = tqdm(range(run.start_iter, cfg.max_iters), initial=run.start_iter, total=cfg.max_iters,
+               disable=not master, desc=f"{cfg.loss} {out}", dynamic_ncols=True)
+    summary = {"out_dir": str(out), "iters": run.start_iter, "stopped_by": None}
+    warned = False
+    t0 = time.time()
+    tokens = 0
     try:
         for it in bar:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(it, cfg)
-            sums = torch.zeros(3, device=dev)  # loss, frac_unlikely (summed over micro-steps), a stop request
-            for m, encoded in enumerate(micro_batches(train_e, it, cfg, rank, world)):
-                if isinstance(model, DDP):  # synchronise gradients on the last micro-step only
-                    model.require_backward_grad_sync = m == steps_here - 1
-                loss, stats, n = forward_loss(model, encoded, cfg, pad_id, dev, autocast)
-                scaler.scale(loss / steps_here).backward()
-                sums[:2] += torch.stack([loss.detach().float(), torch.as_tensor(stats["frac_unlikely"], device=dev)])
-                tokens += n
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            sums[2] = float(bool(stop))
-            if ddp:  # every rank stops at the same iteration
-                dist.all_reduce(sums)
-            loss_val, frac = (sums[:2] / cfg.gradient_accumulation_steps).tolist()
-            stopping, last = sums[2].item() > 0, it == cfg.max_iters - 1
-            summary.update(iters=it + 1, loss=loss_val, frac_unlikely=frac)
+            sums, n = train_step(run, it, cfg)
+            tokens += n
+            flags = torch.cat([sums, torch.tensor([float(bool(stop))], device=run.dev)])
+            if run.world > 1:  # every rank stops at the same iteration
+                dist.all_reduce(flags)
+            loss, frac = (flags[:2] / cfg.gradient_accumulation_steps).tolist()
+            stopping = flags[2].item() > 0
+            last = it == cfg.max_iters - 1
+            summary.update(iters=it + 1, loss=loss, frac_unlikely=frac)
             if it % cfg.log_interval == 0 or last or stopping:
-                dt = time.time() - t0
-                record = {"iter": it, "loss": round(loss_val, 5), "frac_unlikely": round(frac, 4),
-                          "lr": lr_at(it, cfg), "tok_per_s": round(tokens * world / dt)}
-                if (it % cfg.eval_interval == 0 or last) and (master or cfg.fsdp) and val_e:  # FSDP: all ranks
-                    summary["val_loss"] = record["val_loss"] = round(evaluate(), 5)  # after the timing
+                record = {"iter": it, "loss": round(loss, 5), "frac_unlikely": round(frac, 4),
+                          "lr": lr_at(it, cfg), "tok_per_s": round(tokens * run.world / (time.time() - t0))}
+                if (it % cfg.eval_interval == 0 or last) and (master or cfg.fsdp) and run.val_e:  # FSDP: all
+                    summary["val_loss"] = record["val_loss"] = round(evaluate(run, cfg), 5)  # after the timing
                 bar.set_postfix({k: v for k, v in record.items() if k not in ("iter", "lr")})
                 if master:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                t0, tokens = time.time(), 0
+                t0 = time.time()
+                tokens = 0
             if frac > 0.5 and not warned and master:
                 tqdm.write(f"warning: frac_unlikely = {frac:.2f}: token detection flags most flawed tokens; "
                            f"raise lam (now {cfg.lam}) so that U holds only the tokens the judgment explains")
                 warned = True
-            if last or stopping or (it + 1) % cfg.eval_interval == 0:  # every rank takes part: FSDP gathers
-                weights = dist_sd.get_model_state_dict(raw, options=full) if cfg.fsdp else None
-                ckpt = {"iter": it + 1, "optimizer": dist_sd.get_optimizer_state_dict(raw, optimizer, options=full),
-                        "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
-                        "data_sha256": data_sha256,
-                        "trainable": [p.detach().cpu() for p in params if cfg.lora_rank]}
+            if last or stopping or (it + 1) % cfg.eval_interval == 0:
+                state, weights = checkpoint_state(run, cfg, it)
                 if master:
-                    save_checkpoint(raw, tok, ckpt, out, weights)
+                    save_checkpoint(run.raw, run.tok, state, out, weights)
             if stopping:
                 summary["stopped_by"] = signal.Signals(stop[0] if stop else signal.SIGTERM).name
                 break
@@ -347,7 +433,7 @@ def train(cfg):
 
 
 def main(argv):
-    cfg = configure(Config(), argv)
+    cfg = configure(Config(), argv, CHOICES)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:  # LOCAL_RANK picks this process's GPU; RANK (over all nodes) picks rank 0's duties
         gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cfg.device.startswith("cuda") else None

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import bench
+from scripts import bench
 from model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def test_predicted_step_memory_is_within_20_percent_of_the_measured_peak():
 
 
 def test_gpu_check_rehearsed_on_the_cpu():
-    proc = subprocess.run([sys.executable, "bench.py", "gpu", "--dry"], cwd=ROOT, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench", "gpu", "--dry"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()

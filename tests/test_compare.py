@@ -3,7 +3,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-import compare
+from scripts import compare
 
 KEYS = dict(swap=0.1, missing=0.0, other=0.0, new_format=0.0, ok_new_format=0.0, U_precision=0.5, U_recall=0.5,
             frac_unlikely=0.02, gain_wrong=1.0, gain_other=0.0)

@@ -9,9 +9,12 @@ import unicodedata
 import pytest
 import torch
 
-from data import (JUDGED, JUDGMENT_HEADER, NEW_FORMAT, PLAIN, POSITIVE_JUDGMENT, TASK_JUDGMENTS, TASK_REMARKS,
-                  TASK_RESPONSES, Tokenizer, Triple, check_response, collate, configure, encode_triples, load_triples,
-                  make_task, prompt_ids, split_triples)
+from data import (JUDGED, JUDGMENT_HEADER, PLAIN, POSITIVE_JUDGMENT, collate, encode_triples, prompt_ids,
+                  split_triples)
+from support.settings import configure
+from support.tokenizer import Tokenizer
+from support.triple_files import Triple, load_triples
+from tasks.letters import NEW_FORMAT, TASK_JUDGMENTS, TASK_REMARKS, TASK_RESPONSES, check_response, make_task
 
 # ----------------------------------------------------------------------------- tokenizers
 CORPUS = [

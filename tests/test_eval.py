@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import eval as ev
-from data import Tokenizer, check_response, configure, make_task, prompt_ids, split_triples
+from data import prompt_ids, split_triples
+from support.settings import configure
+from support.tokenizer import Tokenizer
+from tasks.letters import check_response, make_task
 from model import ModelConfig, Transformer
 
 

@@ -276,14 +276,6 @@ def test_unsupported_families_fail_clearly(tmp_path, edit, message):
         Transformer.from_pretrained(tmp_path)
 
 
-def test_logits_kept_only_where_asked():
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
-    x = ids(T=9, B=3, vocab=50)
-    keep = torch.rand(3, 9, generator=torch.Generator().manual_seed(2)) > 0.5
-    assert torch.allclose(m(x, keep=keep), m(x)[keep], atol=1e-6)
-
-
 def loss_and_grads(m, logp):
     """A weighted sum of the log-probs (weights that differ per position, so a misplaced value shows) and its grads."""
     loss = (logp * torch.linspace(0.5, 1.5, len(logp))).sum()

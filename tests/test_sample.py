@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import sample
-from data import Tokenizer, prompt_ids
+from data import prompt_ids
+from support.tokenizer import Tokenizer
 from model import ModelConfig, Transformer
 
 PROMPT = "Name a colour."

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import model
+import support.checkpoint
 import train
-from data import Tokenizer, configure, prompt_ids
+from data import prompt_ids
+from support.settings import configure
+from support.tokenizer import Tokenizer
 from model import ModelConfig, Transformer, add_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -340,9 +343,9 @@ def test_crash_while_moving_rolls_forward(tmp_path, monkeypatch):
             raise Crash
         replace(src, dst)
 
-    monkeypatch.setattr(model.os, "replace", failing_replace)
+    monkeypatch.setattr(support.checkpoint.os, "replace", failing_replace)
     saved = crashing_run(tmp_path, monkeypatch, lambda n: armed.append(1) if n == 2 else None)
-    monkeypatch.setattr(model.os, "replace", replace)
+    monkeypatch.setattr(support.checkpoint.os, "replace", replace)
     assert (tmp_path / ".ckpt-new" / "COMPLETE").exists() and train_state(tmp_path)["iter"] == 2
     run(tmp_path, "--max_iters=4", "--eval_interval=2", "--resume=True")  # finishes the save, then has nothing to do
     assert not (tmp_path / ".ckpt-new").exists()
@@ -445,7 +448,7 @@ def test_program_exits_2_with_one_line(tmp_path):
 def test_full_disk_during_a_save_is_one_clear_error(tmp_path, monkeypatch):
     def full(*a):
         raise OSError(28, "No space left on device", str(tmp_path / ".ckpt-new" / "model.safetensors"))
-    monkeypatch.setattr(model, "write_safetensors", full)
+    monkeypatch.setattr(support.checkpoint, "write_safetensors", full)
     with pytest.raises(OSError, match="No space left on device: .*model.safetensors"):
         run(tmp_path, "--max_iters=2")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository
 LOAD_ROUNDS = 3  # each load is a fresh interpreter (seconds of imports), so fewer rounds than the in-process timings
 ROWS = []  # table rows, filled by report()
 
@@ -213,7 +213,9 @@ def train_step(model, batch, mode, opt, keep=True):
 
 def bench_cut_vs_sft(args):
     """A CUT step against an SFT step (sft_all: x -> y only) on the same flawed triples, per token processed."""
-    from data import Tokenizer, collate, encode_triples, make_task
+    from data import collate, encode_triples
+    from support.tokenizer import Tokenizer
+    from tasks.letters import make_task
     from model import ModelConfig, Transformer
     tok, triples = Tokenizer.byte_level(), make_task(64, seed=0, flawed_frac=1.0)
     model = Transformer(ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=tok.n_vocab, hidden_dim=384))
@@ -235,7 +237,9 @@ def bench_cut_vs_sft(args):
 
 def bench_train_tokens(args, batch_size=4, max_len=256):
     """Training tokens/s on SmolLM2 and real triples, bf16 autocast: ours (logits only at the response) vs transformers."""
-    from data import Tokenizer, collate, encode_triples, load_triples
+    from data import collate, encode_triples
+    from support.tokenizer import Tokenizer
+    from support.triple_files import load_triples
     path = checkpoint_dir()
     data = Path(args.data)
     if not data.is_file():
@@ -462,7 +466,9 @@ def cut_losses(model, encoded, pad_id, dev, dtype):
 
 def check_bf16_step(dev, dry):
     """A CUT step in bf16 on dev against the same step in fp32 on the CPU (a Llama-shaped model, GQA, Llama 3 RoPE)."""
-    from data import Tokenizer, encode_triples, make_task
+    from data import encode_triples
+    from support.tokenizer import Tokenizer
+    from tasks.letters import make_task
     from model import ModelConfig, Transformer
     tok = Tokenizer.byte_level()
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """The evidence: CUT against its baselines on the built-in task, every method tuned the same way.
 
-    python compare.py --jobs=2        # out/compare/compare.{json,md}, figures/compare.svg and figures/curves.svg
+    python -m scripts.compare --jobs=2        # out/compare/compare.{json,md}, figures/compare.svg and figures/curves.svg
 
 One base model (train.py's base phase) is fine-tuned by every method in two regimes (docs/cut.md says why):
   mixed  the base's own answer format, 25% of the responses flawed: the authors' online-iteration mix;
@@ -26,10 +26,10 @@ from xml.sax.saxutils import escape
 import torch
 
 import train
-from data import configure
+from support.settings import configure
 from eval import markdown
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]  # the repository
 METHODS = {"mixed": ("cut", "sft", "sft_all", "hindsight", "forward"),
            "new": ("cut", "sft_all", "hindsight", "forward")}  # sft: no acceptable response to learn from in 'new'
 METRIC = {"mixed": "accuracy", "new": "ok_new_format"}  # what validation maximizes

@@ -1,0 +1,101 @@
+"""Triple files: the CUT authors' release, Shepherd's critiques and plain records, JSON or JSONL, read into
+Triples with one clear message per bad file, record or field. data.py turns Triples into ids.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FAILED_JUDGE = "$ERROR$"  # the authors' data marks a failed judge call so: no judgment to train on
+
+
+@dataclass(frozen=True)
+class Triple:
+    instruction: str
+    response: str
+    judgment: str | None  # None: the response is acceptable
+
+
+def _triple(rec, where: str) -> Triple | None:
+    """One record of any supported format as a Triple; None for a failed judge call ($ERROR$)."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+
+    def field(name, nullable=False):
+        if name not in rec:
+            raise ValueError(f"{where}: missing field '{name}'")
+        value = rec[name]
+        if not (isinstance(value, str) or (nullable and value is None)):
+            raise ValueError(f"{where}: field '{name}' must be a string{' or null' if nullable else ''}, "
+                             f"got {type(value).__name__}")
+        return value
+
+    if "question" in rec:  # Shepherd: every answer is flawed, the feedback says why
+        if not field("feedback").strip():
+            raise ValueError(f"{where}: field 'feedback' is empty (a Shepherd answer needs its critique)")
+        return None if rec["feedback"] == FAILED_JUDGE else Triple(field("question"), field("answer"), rec["feedback"])
+    if "output" in rec:  # the CUT authors' release (Alpaca style)
+        instruction, response, judgment = field("instruction"), field("output"), field("judgment", nullable=True)
+        extra = field("input", nullable=True) if "input" in rec else None
+        score = rec.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise ValueError(f"{where}: field 'score' must be a number or null, got {type(score).__name__}")
+        if judgment == FAILED_JUDGE:
+            return None
+        if not judgment or judgment.startswith("Perfect") or (score is not None and score >= 7):
+            judgment = None
+        return Triple(instruction + "\n" + extra if extra else instruction, response, judgment)
+    if "response" in rec:
+        judgment = field("judgment", nullable=True) or None
+        return None if judgment == FAILED_JUDGE else Triple(field("instruction"), field("response"), judgment)
+    raise ValueError(f"{where}: unknown record, expected the fields instruction/input/output/judgment, "
+                     f"question/answer/feedback or instruction/response/judgment; got {sorted(rec)}")
+
+
+def data_hash(data):
+    """sha256 of a triples file's bytes ('builtin' for the built-in task): a resumed run, or an evaluation, checks
+    that it reads the run's own data."""
+    return "builtin" if data == "builtin" else hashlib.sha256(Path(data).read_bytes()).hexdigest()
+
+
+def read_text(path):
+    """A UTF-8 text file, without a byte-order mark; one clear error naming the file otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def load_triples(path, verbose=True) -> list[Triple]:
+    """Triples from a JSON list or a JSONL file of the authors' release, Shepherd's, or plain records."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such triples file")
+    text = read_text(path)
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise ValueError(f"{path}: not a valid JSON list ({e})") from None
+        records = None  # JSONL, a record per line, is not one JSON value
+    if isinstance(records, dict) and "\n" in text.strip():
+        raise ValueError(f"{path}: one JSON object; expected a list of records, or JSONL (a record per line)")
+    if isinstance(records, list):
+        located = [(rec, f"{path}: record {i}") for i, rec in enumerate(records)]
+    else:
+        located = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    located.append((json.loads(line), f"{path}: line {n}"))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+    parsed = [_triple(rec, where) for rec, where in located]
+    triples = [t for t in parsed if t is not None]
+    if not triples:
+        raise ValueError(f"{path}: no usable triples in {len(located)} records")
+    n_err, n_flawed = len(parsed) - len(triples), sum(t.judgment is not None for t in triples)
+    if verbose:
+        print(f"{path.name}: loaded {len(triples)} triples ({len(triples) - n_flawed} acceptable, {n_flawed} flawed), "
+              f"dropped {n_err} with a failed judge call ({FAILED_JUDGE})")
+    return triples
