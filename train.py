@@ -11,7 +11,6 @@ activation checkpointing, atomic checkpoints, --resume, and a clean stop on Ctrl
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from cut_loss import batch_loss, response_logprobs
 from data import LOSS_MODES, collate, encode_triples, load_checkpoint, split_triples, use_chat
 from model import ModelConfig, Transformer, add_lora
-from support.checkpoint import finish_checkpoint
+from support.runs import open_run, save_checkpoint
 from support.settings import configure, run_program
 from support.tokenizer import Tokenizer
 from support.triple_files import data_hash, load_triples
@@ -84,11 +83,6 @@ class Config:  # every key can be set by --key=value or a JSON config file
 
 
 CHOICES = {"loss": LOSS_MODES, "task": ("mixed", "new")}
-# settings that a resumed run may change: they do not alter what the run computes
-RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite grad_ckpt".split())
-RUN_FILES = ("train_state.pt", "log.jsonl", "config.json", "model.safetensors")  # a directory with one holds a run
-
-
 def base_config(cfg):
     """The built-in task's base: MLE on every response of the base data, from scratch, in out_dir/base."""
     return replace(cfg, out_dir=str(Path(cfg.out_dir) / "base"), loss="sft_all", max_iters=cfg.base_iters,
@@ -131,55 +125,6 @@ def forward_loss(model, encoded, cfg, pad_id, dev, autocast):
         loss, stats = batch_loss(cfg.loss, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
                                  cfg.lam, cfg.alpha, cfg.gamma)
     return loss, stats, int((batch.idx != pad_id).sum())
-
-
-def save_checkpoint(raw, tok, state, out, weights=None):
-    """Write into out/.ckpt-new, mark it complete, then move each file into out: a kill at any point leaves either
-    the old checkpoint or a complete new one, which the next reader of out moves in (model.finish_checkpoint)."""
-    tmp = out / ".ckpt-new"
-    shutil.rmtree(tmp, ignore_errors=True)
-    raw.save_pretrained(tmp, weights)
-    tok.save(tmp)
-    torch.save(state, tmp / "train_state.pt")
-    (tmp / "COMPLETE").touch()
-    finish_checkpoint(out)
-
-
-def open_run(cfg, master):
-    """Check out_dir before anything is trained: a run is never reused silently, and --resume goes on only with the
-    run's own settings and data. Returns the saved train state, or None for a new run."""
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out}: a file, not a directory")
-    if cfg.init_from != "scratch" and out.resolve() == Path(cfg.init_from).resolve():
-        raise ValueError(f"out_dir and init_from are both {out}: training would overwrite the checkpoint it starts "
-                         "from; choose another --out_dir")
-    if master:
-        finish_checkpoint(out)
-    if cfg.resume:
-        if not (out / "train_state.pt").is_file():
-            raise ValueError(f"{out}: no checkpoint to resume (train_state.pt); start without --resume")
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)  # 1 copy a node
-        saved = dict(state["config"], data_sha256=state.get("data_sha256"))
-        now = dict(asdict(cfg), data_sha256=data_hash(cfg.data))
-        diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
-        if diffs:
-            raise ValueError(f"{out}: --resume with settings other than the run's ({'; '.join(diffs)}); resume with "
-                             "the run's settings, or start a new run in another --out_dir")
-        if master:  # iterations logged after the checkpoint will run again
-            lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-            kept = [line for line in lines if line.strip() and json.loads(line)["iter"] < state["iter"]]
-            (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
-        return state
-    if any((out / f).exists() for f in RUN_FILES):
-        if not cfg.overwrite:
-            raise ValueError(f"out_dir {out} holds a run already: resume it with --resume=True, choose another "
-                             "--out_dir, or pass --overwrite=True to delete it")
-        if master:
-            for f in [*RUN_FILES, *(p.name for p in out.glob("eval_*.json")), "tokenizer.json", "tokenizer.model",
-                      "tokenizer_config.json", "chat_template.jinja"]:
-                (out / f).unlink(missing_ok=True)
-    return None
 
 
 def load_data(cfg, tok, chat, master):

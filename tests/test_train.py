@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import model
 import support.checkpoint
 import train
 from data import prompt_ids
