@@ -1,8 +1,8 @@
-"""CUT's loss (arXiv 2312.14591, Eqs. 5-8; docs/cut.md): log-probs of the response tokens -> L_CUT = L1 + L2.
+"""CUT's loss (arXiv 2312.14591, Eqs. 5-8; docs/cut.md): response log-probs -> L_CUT = L1 + L2.
 
-Pure torch: no model, no tokenizer. Shapes: R sequences (rows) of a batch, T positions, V vocabulary,
-B triples, N response tokens per row, left-aligned (column t = t-th token of y, EOS included), and a
-float `mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is the paper's N.
+Pure torch: no model, no tokenizer. Shapes: R sequences (rows) of a batch, T positions, B triples,
+N response tokens per row, left-aligned (column t = t-th token of y, EOS included), and a float
+`mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is the paper's N.
 """
 import torch
 
@@ -12,8 +12,9 @@ MIN_1M_P = 1e-5  # floor on 1 - p_x inside log(1 - p_x): finite loss and gradien
 def response_logprobs(token_logp, targets, ignore_index=-100):
     """The log-probs of the trained tokens, left-aligned per row: (logp (R, N), mask (R, N) float).
 
-    token_logp (n,): log p(target) at the trained positions, in row-major order, as model(idx, targets=targets)
-    gives it. targets (R, T): next-token targets, ignore_index except on the trained span (y + EOS).
+    token_logp (n,): log p(target) at the trained positions, in row-major order, as
+    model(idx, targets=targets) gives it. targets (R, T): next-token targets, ignore_index except on
+    the trained span (y + EOS).
     """
     trained = targets != ignore_index
     rows, pos = trained.nonzero(as_tuple=True)
@@ -26,7 +27,7 @@ def response_logprobs(token_logp, targets, ignore_index=-100):
 
 
 def mle_loss(logp, mask):
-    """Mean over rows of -(1/N_b) * sum_t log p(y_t): L2 of a triple, and the whole loss of sft/sft_all/hindsight."""
+    """Mean over rows of -(1/N_b) sum_t log p(y_t): L2 of a triple, and sft, sft_all, hindsight."""
     row_nll = -(mask * logp).sum(1) / mask.sum(1).clamp(min=1)  # a row without tokens contributes 0
     return row_nll.sum() / max(len(logp), 1)
 
@@ -35,9 +36,9 @@ def cut_loss(logp_x, logp_j, is_neg, mask, lam=2.0, alpha=1.0, gamma=0.0):
     """L_CUT = L1 + L2 per triple, averaged over the B triples. Returns (loss, stats).
 
     logp_x  (B, N): log p_x(t) = log p(y_t | y_<t, x)
-    logp_j  (B, N): log p_n(t) = log p(y_t | y_<t, x, j-) on flawed rows (ignored on acceptable ones)
+    logp_j  (B, N): log p_n(t) = log p(y_t | y_<t, x, j-) on flawed rows (ignored elsewhere)
     is_neg  (B,)  : True for a flawed triple
-    j+ is the absence of a judgment, as in the authors' code, so p_p(t) = p(y_t | y_<t, x, j+) is p_x(t).
+    j+ is the absence of a judgment, as in the authors' code: p_p(t) = p(y_t|y_<t, x, j+) is p_x(t).
     """
     neg = is_neg[:, None]
     # L2 trains [x, j-] -> y on flawed triples and x -> y on acceptable ones.
@@ -47,20 +48,20 @@ def cut_loss(logp_x, logp_j, is_neg, mask, lam=2.0, alpha=1.0, gamma=0.0):
         U = (logp_l2.exp() - lam * logp_x.exp() > 0) & (neg_mask > 0)  # paper Eq. 5, p_p = p_x
         weight = alpha * logp_l2.exp() ** gamma  # alpha * p_n(t)^gamma, paper Eq. 6
     log_1m_px = torch.log((-torch.expm1(logp_x)).clamp(min=MIN_1M_P))  # log(1 - p_x) from log p_x
-    # L1 = -(1/N) * (sum_{t not in U} log p_x(t) + sum_{t in U} alpha * p_n(t)^gamma * log(1 - p_x(t)))
+    # L1 = -(1/N) (sum_{t not in U} log p_x(t) + sum_{t in U} alpha p_n(t)^gamma log(1 - p_x(t)))
     l1_terms = torch.where(U, weight * log_1m_px, logp_x)
     loss = mle_loss(l1_terms, neg_mask) + mle_loss(logp_l2, mask)
-    frac_unlikely = U.sum() / neg_mask.sum().clamp(min=1)  # share of the flawed responses' tokens in U
-    return loss, {'frac_unlikely': frac_unlikely.detach(), 'U': U}  # U (B, N) bool: eval.py measures it
+    frac_unlikely = U.sum() / neg_mask.sum().clamp(min=1)  # the share of flawed tokens in U
+    return loss, {'frac_unlikely': frac_unlikely.detach(), 'U': U}  # U (B, N): eval.py measures it
 
 
 def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma):
-    """The loss of `mode` (CUT or a baseline of the paper) on the rows of one batch. Returns (loss, stats).
+    """The loss of `mode` (CUT or a baseline of the paper) on the rows of one batch: (loss, stats).
 
-    logp, mask (R, N) from response_logprobs. For 'cut', triple b has its x -> y row x_rows[b] and its
-    [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For 'forward',
-    x_rows[b] is x -> y and j_rows[b] is [x, y] -> j. sft, sft_all and hindsight are MLE on every row:
-    the triple builder put only their rows in the batch.
+    logp, mask (R, N) from response_logprobs. For 'cut', triple b has its x -> y row x_rows[b] and
+    its [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For
+    'forward', x_rows[b] is x -> y and j_rows[b] is [x, y] -> j. sft, sft_all and hindsight are MLE
+    on every row: the triple builder put only their rows in the batch.
     """
     if mode == 'cut':
         return cut_loss(logp[x_rows], logp[j_rows], is_neg, mask[x_rows], lam, alpha, gamma)
@@ -69,5 +70,6 @@ def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma):
     elif mode in ('sft', 'sft_all', 'hindsight'):
         loss = mle_loss(logp, mask)
     else:
-        raise ValueError(f"unknown loss mode {mode!r}; expected cut, sft, sft_all, hindsight or forward")
+        raise ValueError(f"unknown loss mode {mode!r}; "
+                         "expected cut, sft, sft_all, hindsight or forward")
     return loss, {'frac_unlikely': 0.0}

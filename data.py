@@ -1,9 +1,9 @@
-"""Text to ids: prompt templates, judgment triples into the sequences each loss trains on, and batches.
+"""Text to ids: prompt templates, triples into the sequences each loss trains on, and batches.
 
-model.py turns ids into logits and cut_loss.py turns response log-probs into a loss; this file is everything
-before the model: write the prompts (the paper's Alpaca templates, or the checkpoint's chat format), build from
-each (instruction, response, judgment) triple the Align-P, Align-N and Misalign sequences of the paper
-(docs/cut.md), and pad them into one batch. The file formats it reads are support/'s.
+model.py turns ids into logits and cut_loss.py turns response log-probs into a loss; this file is
+everything before the model: write the prompts (the paper's Alpaca templates, or the checkpoint's
+chat format), build from each (instruction, response, judgment) triple the Align-P, Align-N and
+Misalign sequences of the paper (docs/cut.md), and pad them into one batch. File formats: support/.
 """
 import re
 from dataclasses import dataclass
@@ -16,18 +16,18 @@ from support.tokenizer import CHAT_FORMATS, Tokenizer
 from support.triple_files import Triple
 
 # the paper's templates: an instruction, or an instruction and a judgment of the response to come
-PLAIN = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-         "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-JUDGED = ("Below is an instruction that describes a task. Write a response to the instruction and the response "
-          "should match the corresponding judgment.\n\n### Instruction:\n{instruction}\n\n### Judgment:\n"
-          "{judgment}\n\n### Response:\n")
+PLAIN = ("Below is an instruction that describes a task. Write a response that appropriately "
+         "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+JUDGED = ("Below is an instruction that describes a task. Write a response to the instruction and "
+          "the response should match the corresponding judgment.\n\n"
+          "### Instruction:\n{instruction}\n\n### Judgment:\n{judgment}\n\n### Response:\n")
 LOSS_MODES = ("cut", "sft", "sft_all", "hindsight", "forward")  # each trains on its own sequences
 POSITIVE_JUDGMENT = "Your response to the instruction is satisfactory."
 JUDGMENT_HEADER = "\n\n### Judgment:\n"  # forward prediction: the judgment is trained after [x, y]
 
 
 def use_chat(tok, chat):
-    """The programs' `chat` setting as a bool: 'auto' (when the checkpoint ships a chat template), 'yes', 'no'."""
+    """The `chat` setting as a bool: 'auto' (if the checkpoint has a chat template), 'yes', 'no'."""
     if chat == "auto":
         return tok.instruct
     return chat == "yes"
@@ -41,28 +41,28 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu"):
     model = Transformer.from_pretrained(path, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(path)
     if tok.n_vocab > model.cfg.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tok.n_vocab} tokens, the model's vocab_size is only "
-                         f"{model.cfg.vocab_size}")
+        raise ValueError(f"{path}: the tokenizer has {tok.n_vocab} tokens, the model's vocab_size "
+                         f"is only {model.cfg.vocab_size}")
     return model, tok
 
 
 def prompt_ids(tok, instruction, judgment=None, chat=False):
-    """[BOS] + PLAIN (judgment None) or JUDGED. chat=True: one user turn of the model's chat format instead,
-    holding the instruction, then "\\n\\n### Judgment:\\n" + the judgment if one is given, then the assistant's
-    header."""
+    """[BOS] + PLAIN (judgment None) or JUDGED. chat=True: one user turn of the model's chat format
+    instead, holding the instruction, then JUDGMENT_HEADER + the judgment if one is given, then the
+    assistant's header."""
     ids = [] if tok.bos_id is None else [tok.bos_id]
     if not chat:
         if judgment is None:
             return ids + tok.encode(PLAIN.format(instruction=instruction))
         return ids + tok.encode(JUDGED.format(instruction=instruction, judgment=judgment))
     if tok.chat is None:
-        raise ValueError(f"chat=True, but the tokenizer has no chat format of {', '.join(CHAT_FORMATS)}; "
-                         "set chat 'no'")
+        raise ValueError("chat=True, but the tokenizer has no chat format of "
+                         f"{', '.join(CHAT_FORMATS)}; set chat 'no'")
     content = instruction
     if judgment is not None:
         content = instruction + JUDGMENT_HEADER + judgment
-    # the format's special tokens are looked up, never parsed from text, so the user's text stays text;
-    # the text between two special tokens is encoded in one piece (Llama 2's [INST] is text)
+    # special tokens are looked up, never parsed from text, so the user's text stays text; the text
+    # between two special tokens is encoded in one piece (Llama 2's [INST] is text)
     text = ""
     for part in re.split(r"(<\|\w+\|>|\[/?INST\])", CHAT_FORMATS[tok.chat][2]):
         if part not in tok.special:
@@ -78,8 +78,8 @@ def prompt_ids(tok, instruction, judgment=None, chat=False):
 
 
 def split_triples(triples: list[Triple], val_frac: float = 0.1, seed: int = 0):
-    """(train, val): a random permutation of the distinct triples, drawn from the seed alone (no global RNG
-    state). Copies of a triple stay together, so that validation never holds a triple that training saw."""
+    """(train, val): a random permutation of the distinct triples, drawn from the seed alone (no
+    global RNG state). Copies of a triple stay together: validation never holds a trained triple."""
     distinct = list(dict.fromkeys(triples))
     order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(seed)).tolist()
     val = {distinct[i] for i in order[:round(len(distinct) * val_frac)]}
@@ -89,15 +89,15 @@ def split_triples(triples: list[Triple], val_frac: float = 0.1, seed: int = 0):
 
 @dataclass
 class Encoded:
-    # (prompt ids, trained ids) of each sequence of one triple: first x -> y, then, if there is one, the
-    # [x, j-] -> y row (cut) or the [x, y] -> j row (forward)
+    # (prompt ids, trained ids) of each sequence of one triple: first x -> y, then, if there is
+    # one, the [x, j-] -> y row (cut) or the [x, y] -> j row (forward)
     rows: list[tuple[list[int], list[int]]]
     is_neg: bool
 
 
 def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None):
-    """Cut the prompt from the left (keeping BOS) so that idx = (prompt + trained)[:-1] fits max_len."""
-    budget = max_len + 1 - len(trained)  # prompt tokens allowed; at least one is needed to predict from
+    """Cut the prompt from the left (keeping BOS): idx = (prompt + trained)[:-1] fits max_len."""
+    budget = max_len + 1 - len(trained)  # prompt tokens allowed; at least one to predict from
     if budget < 1:
         return None
     if len(prompt) <= budget:
@@ -107,24 +107,27 @@ def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None
     return head + (prompt[-keep:] if keep else []), trained
 
 
-def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: int, chat: bool = False,
-                   verbose=True) -> list[Encoded]:
-    """The sequences each loss mode trains on (docs/cut.md); max_len bounds a row's model input (T <= max_len)."""
+def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: int,
+                   chat: bool = False, verbose=True) -> list[Encoded]:
+    """The sequences each loss mode trains on (docs/cut.md); a row's model input is <= max_len."""
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {LOSS_MODES}")
-    out, too_long, skipped = [], 0, 0
+    out = []
+    too_long = 0
+    skipped = 0
     for t in triples:
         is_neg = t.judgment is not None
         if mode == "sft" and is_neg:
             skipped += 1
             continue
-        response = tok.encode(t.response)  # once, so every row of the triple trains the same ids
+        response = tok.encode(t.response)  # once: every row of the triple trains the same ids
         y = response + [tok.eos_id]
         plain = prompt_ids(tok, t.instruction, chat=chat)
         rows = [(plain, y)]
         if mode == "hindsight":
-            rows = [(prompt_ids(tok, t.instruction, t.judgment or POSITIVE_JUDGMENT, chat=chat), y)]
-        elif mode == "cut" and is_neg:  # Misalign is the x -> y row itself: j+ is the absence of a judgment
+            judged = prompt_ids(tok, t.instruction, t.judgment or POSITIVE_JUDGMENT, chat=chat)
+            rows = [(judged, y)]
+        elif mode == "cut" and is_neg:  # Misalign is the x -> y row itself: j+ is no judgment
             rows.append((prompt_ids(tok, t.instruction, t.judgment, chat=chat), y))
         elif mode == "forward":
             rows.append((plain + response + tok.encode(JUDGMENT_HEADER),
@@ -135,8 +138,9 @@ def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: in
             continue
         out.append(Encoded(rows, is_neg))
     if verbose:
-        print(f"encoded {len(out)} triples for {mode} ({sum(len(e.rows) for e in out)} sequences), "
-              f"dropped {too_long} longer than {max_len} tokens, skipped {skipped} flawed (sft)")
+        n_rows = sum(len(e.rows) for e in out)
+        print(f"encoded {len(out)} triples for {mode} ({n_rows} sequences), dropped {too_long} "
+              f"longer than {max_len} tokens, skipped {skipped} flawed (sft)")
     return out
 
 
@@ -168,7 +172,9 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
     """Every triple's rows in one padded tensor; x_rows / j_rows point each triple at its rows."""
     if not encoded:
         raise ValueError("collate needs at least one encoded triple")
-    rows, x_rows, j_rows = [], [], []
+    rows = []
+    x_rows = []
+    j_rows = []
     for e in encoded:
         x_rows.append(len(rows))
         j_rows.append(len(rows) + len(e.rows) - 1)

@@ -1,9 +1,11 @@
-"""Ids to logits: a LLaMA-family decoder, sampling with a KV cache, and LoRA.
+"""Ids to logits: a LLaMA-family decoder, batched sampling with a KV cache, and LoRA.
 
-Read top to bottom: the config, the layers (RMSNorm, RoPE with Llama 3 scaling, grouped-query attention with
-Mistral's sliding window and Qwen2's q/k/v biases, SwiGLU), the Transformer with generate(), LoRA. Module names
-are those of Hugging Face's LlamaForCausalLM, so its state dict maps onto ours key for key; the file formats
-(safetensors, Hugging Face and Meta layouts) are support/checkpoint.py's, its one import from this project.
+Read top to bottom: the config, the layers (RMSNorm, RoPE with Llama 3 scaling, grouped-query
+attention with Mistral's sliding window and Qwen2's q/k/v biases, SwiGLU), the Transformer with
+generate(), LoRA. Module names are those of Hugging Face's LlamaForCausalLM: its state dict maps
+onto ours key for key.
+The file formats (safetensors, Hugging Face and Meta layouts) are support/checkpoint.py's: the one
+project file this one imports.
 """
 import math
 from dataclasses import asdict, dataclass, field
@@ -15,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from support.checkpoint import read_checkpoint, write_checkpoint
 
-LOGIT_CHUNK = 1024  # trained positions per lm_head + log-softmax block: (1024, vocab) float32 logits at a time
+LOGIT_CHUNK = 1024  # trained positions per lm_head + log-softmax block: (1024, vocab) fp32
 
 
 @dataclass
@@ -33,12 +35,13 @@ class ModelConfig:
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     qkv_bias: bool = False         # Qwen2's biases on the q, k and v projections
-    sliding_window: int = 0        # Mistral: a token attends to at most this many (itself included); 0 = all
+    sliding_window: int = 0        # Mistral: a token sees at most this many (itself too); 0: all
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -52,27 +55,32 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalize in fp32, scale in the input dtype: Hugging Face's order, so bf16 results agree
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_frequencies(cfg):
-    """Inverse frequencies (head_dim/2,) in fp32, with Llama 3.1's "llama3" long-context scaling if configured."""
-    # on the CPU even while the model is built on the meta device: a meta tensor would have to be recomputed anyway
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device="cpu").float() / cfg.head_dim)
+    """Inverse frequencies (head_dim/2,) in fp32, with Llama 3.1's "llama3" long-context scaling."""
+    # on the CPU even while the model is built on the meta device: a meta tensor would be recomputed
+    exponents = torch.arange(0, cfg.head_dim, 2, device="cpu").float() / cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** exponents
     s = cfg.rope_scaling
     if not s:
         return inv_freq
     old_len = s["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
     wavelen = 2 * math.pi / inv_freq
-    # long wavelengths are divided by factor, short ones kept, the band between interpolated smoothly
-    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
-    mid = torch.where(wavelen < high_wavelen, inv_freq, (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq)
+    # long wavelengths are divided by factor, short ones kept, the band between interpolated
+    low = s["low_freq_factor"]
+    smooth = (old_len / wavelen - low) / (s["high_freq_factor"] - low)
+    between = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    mid = torch.where(wavelen < high_wavelen, inv_freq, between)
     return torch.where(wavelen > low_wavelen, inv_freq / s["factor"], mid)
 
 
 def apply_rope(x, cos, sin):
-    # Hugging Face's "rotate half" layout (first half / second half of each head); the fp32 tables promote the products
+    # Hugging Face's "rotate half" layout (first half, second half of each head); the fp32 tables
+    # promote the products
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
@@ -80,7 +88,9 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -92,13 +102,17 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         if self.cache is not None:
-            ck, cv = self.cache
-            ck[:, :, start_pos:start_pos + T], cv[:, :, start_pos:start_pos + T] = k, v
-            k, v = ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
-        causal = mask is None and start_pos == 0  # else no mask means one new token that sees the whole cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            cache_k, cache_v = self.cache
+            cache_k[:, :, start_pos:start_pos + T] = k
+            cache_v[:, :, start_pos:start_pos + T] = v
+            k = cache_k[:, :, :start_pos + T]
+            v = cache_v[:, :, :start_pos + T]
+        causal = mask is None and start_pos == 0  # no mask later: a new token sees the whole cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -132,87 +146,135 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim)),
-            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)), norm=RMSNorm(cfg.dim, cfg.norm_eps)))
+        embed = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
+        layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.model = nn.ModuleDict(dict(embed_tokens=embed, layers=layers, norm=norm))
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
-        self.grad_ckpt = False  # True: keep each block's input only and recompute the rest in backward (train.py)
-        if self.lm_head.weight.is_meta:  # built to be loaded: random init on meta costs time and memory (torch._dynamo)
+        self.grad_ckpt = False  # True: keep each block's input only, recompute the rest in backward
+        if self.lm_head.weight.is_meta:  # built to be loaded: no random init
             return
-        for m in self.modules():  # GPT-2's init: N(0, 0.02), then a smaller std for the residual projections
+        for m in self.modules():  # GPT-2's init: N(0, 0.02), a smaller std on the residual outputs
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
-    def forward(self, idx, start_pos=0, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab). start_pos: position of idx[:, 0] (KV-cache decoding).
-        targets (B, T), -100 off the trained positions: log p(target) (n,) at the trained positions instead,
-        in row-major order. The lm_head and log-softmax run LOGIT_CHUNK positions at a time, each block
-        recomputed in backward, so the (n, vocab) float32 logits never exist at once (forward or backward)."""
-        T = idx.shape[1]
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
-        pos = torch.arange(start_pos, start_pos + T, device=idx.device)
-        # (T, head_dim) in fp32 in any model dtype
-        freqs = torch.outer(pos.float(), self.inv_freq).repeat(1, 2)
-        cos = freqs.cos()
-        sin = freqs.sin()
-        # the keys each query sees: its past, within the sliding window; None where plain causal attention does it
-        window = self.cfg.sliding_window or start_pos + T
-        mask = None
-        if (T > 1 and start_pos > 0) or start_pos + T > window:
-            keys = torch.arange(start_pos + T, device=idx.device)
-            mask = (keys <= pos[:, None]) & (keys > pos[:, None] - window)
-        x = self.model.embed_tokens(idx)
-        for layer in self.model.layers:
-            args = (x, cos, sin, start_pos, mask)
-            x = checkpoint(layer, *args, use_reentrant=False) if self.grad_ckpt else layer(*args)
+    def forward(self, idx, start_pos=0, targets=None, pad=None):
+        """idx (B, T) token ids -> logits (B, T, vocab).
+
+        targets (B, T), -100 off the trained positions: log p(target) (n,) at the trained positions
+        instead, in row-major order. The lm_head and log-softmax run LOGIT_CHUNK positions at a
+        time, each block recomputed in backward: the (n, vocab) fp32 logits never exist at once.
+        start_pos and pad are generate()'s: the cache position of idx[:, 0], and (B,) the number of
+        left-padding tokens at the start of each row, which no other token attends to.
+        """
+        h = self.model.norm(self.hidden(idx, start_pos, pad))
         if targets is None:
-            return self.lm_head(self.model.norm(x))
+            return self.lm_head(h)
         trained = targets != -100
-        h = self.model.norm(x[trained])  # prompt and padding positions never reach the lm_head
-        logps = [checkpoint(self._token_logp, h_part, t_part, use_reentrant=False)
-                 for h_part, t_part in zip(h.split(LOGIT_CHUNK), targets[trained].split(LOGIT_CHUNK))]
+        h = h[trained]  # prompt and padding positions never reach the lm_head
+        blocks = zip(h.split(LOGIT_CHUNK), targets[trained].split(LOGIT_CHUNK))
+        logps = [checkpoint(self._token_logp, h, t, use_reentrant=False) for h, t in blocks]
         return torch.cat(logps)
 
     def _token_logp(self, h, targets):
         return -F.cross_entropy(self.lm_head(h).float(), targets, reduction="none")
 
+    def hidden(self, idx, start_pos=0, pad=None):
+        """The last block's output (B, T, dim), before the final norm."""
+        T = idx.shape[1]
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len "
+                             f"{self.cfg.max_seq_len}")
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # in the cache
+        rope_pos = pos.float()
+        if pad is not None:  # a row's positions start after its padding: (B, 1, T) for the heads
+            rope_pos = (pos[None, None] - pad[:, None, None]).clamp(min=0).float()
+        freqs = rope_pos[..., None] * self.inv_freq
+        freqs = torch.cat([freqs, freqs], dim=-1)  # (..., T, head_dim) in fp32 in any model dtype
+        cos = freqs.cos()
+        sin = freqs.sin()
+        mask = self.attention_mask(start_pos, T, pad, idx.device)
+        x = self.model.embed_tokens(idx)
+        for layer in self.model.layers:
+            if self.grad_ckpt:
+                x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start_pos, mask)
+        return x
+
+    def attention_mask(self, start_pos, T, pad, device):
+        """The keys each query at cache positions start_pos.. sees: its past, within the sliding
+        window, after its row's padding. None where plain causal attention does it."""
+        end = start_pos + T
+        window = self.cfg.sliding_window or end
+        if pad is None and end <= window and (start_pos == 0 or T == 1):
+            return None
+        pos = torch.arange(start_pos, end, device=device)
+        keys = torch.arange(end, device=device)
+        mask = (keys <= pos[:, None]) & (keys > pos[:, None] - window)
+        if pad is None:
+            return mask
+        # (B, 1, T, keys); a padding query sees itself alone, so that no row of the softmax is empty
+        mask = (mask & (keys >= pad[:, None, None])) | (keys == pos[:, None])
+        return mask[:, None]
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=None, on_token=None):
-        """Continue idx (B, T) by up to max_new_tokens; a row stops at any stop id (then it is padded with it).
-        temperature=0 is greedy. on_token(next_ids) is called with each new (B,) column, for streaming."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=None,
+                 on_token=None, pad=None):
+        """Continue idx (B, T) by up to max_new_tokens; a row stops at any stop id, and its later
+        columns repeat it. pad (B,): left-padding tokens at the start of each row (left_pad gives
+        both). temperature=0 is greedy. on_token(ids) gets each new (B,) column, for streaming.
+        A finished row leaves the batch: its cache is no longer written or read."""
         B, T = idx.shape
         max_len = min(T + max_new_tokens, self.cfg.max_seq_len)
+        if T >= max_len:
+            return idx
+        if pad is not None and not pad.any():
+            pad = None  # equal lengths: plain causal attention
         shape = (B, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
         for layer in self.model.layers:  # (k, v) in the weights' dtype and device
-            layer.self_attn.cache = (self.lm_head.weight.new_zeros(shape), self.lm_head.weight.new_zeros(shape))
+            weight = self.lm_head.weight
+            layer.self_attn.cache = (weight.new_zeros(shape), weight.new_zeros(shape))
         stop = torch.tensor(stop_ids or [], dtype=torch.long, device=idx.device)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        out, start_pos, x = idx, 0, idx
+        out = torch.cat([idx, idx.new_zeros(B, max_len - T)], dim=1)
+        rows = torch.arange(B, device=idx.device)  # the rows still generating
+        x = idx
+        start_pos = 0  # the cache position of x[:, 0]; the last token sampled: out[:, start_pos]
         try:
-            while out.shape[1] < max_len and not done.all():
-                logits = self(x, start_pos)[:, -1].float()
+            while start_pos + x.shape[1] < max_len and len(rows):
+                h = self.hidden(x, start_pos, pad)[:, -1]  # the lm_head only where we sample
+                logits = self.lm_head(self.model.norm(h)).float()
                 start_pos += x.shape[1]
                 nxt = sample_next(logits, temperature, top_k, top_p)
-                nxt = torch.where(done, out[:, -1], nxt)  # finished rows repeat their stop id
-                done |= torch.isin(nxt, stop)
-                out, x = torch.cat([out, nxt[:, None]], dim=1), nxt[:, None]
+                out[rows, start_pos] = nxt
+                done = torch.isin(nxt, stop)
+                out[rows[done], start_pos + 1:] = nxt[done, None]
                 if on_token:
-                    on_token(nxt)
+                    on_token(out[:, start_pos])
+                if done.any():  # drop the finished rows from the batch and its cache
+                    keep = ~done
+                    rows = rows[keep]
+                    nxt = nxt[keep]
+                    pad = None if pad is None else pad[keep]
+                    for layer in self.model.layers:
+                        cache_k, cache_v = layer.self_attn.cache
+                        layer.self_attn.cache = (cache_k[keep], cache_v[keep])
+                x = nxt[:, None]
         finally:
             for layer in self.model.layers:
                 layer.self_attn.cache = None
-        return out
+        return out[:, :start_pos + 1]
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        """Load a Hugging Face (config.json + safetensors) or Meta (params.json + consolidated.NN.pth) directory."""
+        """A Hugging Face (config.json + safetensors) or Meta (params.json + consolidated.NN.pth)
+        directory."""
         fields, tensors = read_checkpoint(path)
         cfg = ModelConfig(**fields)
         with torch.device("meta"):  # no memory and no random init for weights that are loaded next
@@ -224,8 +286,8 @@ class Transformer(nn.Module):
             if name not in expected:
                 raise ValueError(f"{file}: unexpected tensor {name!r}")
             if tuple(shape) != tuple(expected[name]):
-                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, the config says "
-                                 f"{tuple(expected[name])}")
+                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, the config "
+                                 f"says {tuple(expected[name])}")
         missing = sorted(set(expected) - set(tensors))
         if missing:
             more = " ..." if len(missing) > 5 else ""
@@ -241,8 +303,8 @@ class Transformer(nn.Module):
         return model
 
     def save_pretrained(self, directory, state_dict=None):
-        """config.json + model.safetensors in Hugging Face's layout, LoRA adapters merged in. state_dict: the
-        weights to write instead of the module's own, e.g. gathered from FSDP's shards."""
+        """config.json + model.safetensors in Hugging Face's layout, LoRA adapters merged in.
+        state_dict: the weights to write instead of the module's own, e.g. gathered by FSDP."""
         sd = merged_state_dict(self) if state_dict is None else dict(state_dict)
         if self.cfg.tie_embeddings:
             del sd["lm_head.weight"]
@@ -250,7 +312,7 @@ class Transformer(nn.Module):
 
 
 def sample_next(logits, temperature, top_k, top_p):
-    """(B, vocab) fp32 logits -> (B,) ids: greedy at temperature 0, else top-k / nucleus sampling."""
+    """(B, vocab) fp32 logits -> (B,) ids: greedy at temperature 0, else top-k, nucleus sampling."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -260,31 +322,46 @@ def sample_next(logits, temperature, top_k, top_p):
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the least prefix with mass >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+
+
+def left_pad(prompts, device=None):
+    """Prompts of any lengths as one left-padded (B, T) tensor, and each row's padding (B,):
+    generate's input. The padding id is 0: no token attends to it."""
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), T, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        idx[r, T - len(p):] = torch.tensor(p, dtype=torch.long)
+    pad = torch.tensor([T - len(p) for p in prompts])
+    return idx.to(device), pad.to(device)
 
 
 # ----------------------------------------------------------------------------- LoRA
 
 class LoRALinear(nn.Linear):
-    """A frozen linear layer plus a trainable low-rank update: y = x W^T + scale * x A^T B^T (B starts at zero)."""
+    """A frozen linear layer plus a trainable low-rank update: y = x W^T + scale x A^T B^T (B = 0 at
+    first)."""
 
     def __init__(self, base, rank, scale):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
-        self.weight, self.bias = base.weight, base.bias  # a bias (Qwen2's q, k, v) stays frozen as it is
+        self.weight = base.weight
+        self.bias = base.bias  # a bias (Qwen2's q, k, v) stays frozen as it is
         self.weight.requires_grad_(False)
         self.scale = scale
-        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))  # the base's dtype and device
+        # the base's dtype and device
+        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of nn.Linear and of peft
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + update * self.scale
 
 
 def add_lora(model, rank, alpha, targets=("gate_proj", "up_proj", "down_proj")):
-    """Freeze the model and wrap the target projections with LoRA adapters (scale = alpha / rank)."""
+    """Freeze the model and wrap the target projections in LoRA adapters (scale = alpha / rank)."""
     model.requires_grad_(False)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):

@@ -3,8 +3,9 @@
     python sample.py --ckpt=out --prompt="What is the capital of France?" --temperature=0
     echo "Name three primes." | python sample.py --ckpt=/path/to/hf_or_meta_dir run.json --top_p=0.9
 
-The prompt is wrapped in the model's chat format (chat='auto': when the checkpoint ships a chat template) or in the
-paper's plain Alpaca template. The text goes to stdout, the timing to stderr.
+The prompt is wrapped in the model's chat format (chat='auto': when the checkpoint ships a chat
+template) or in the paper's plain Alpaca template. The text goes to stdout, the timing to stderr.
+One sample streams as it comes; --num_samples=N samples N continuations as one batch.
 """
 import os
 import sys
@@ -12,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# before torch loads OpenMP: its spinning threads made small CPU ops up to 20x slower on 2 cores (measured)
+# before torch loads OpenMP: its spinning threads made small CPU ops up to 20x slower on 2 cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
@@ -26,7 +27,7 @@ from support.triple_files import read_text
 class Config:  # every key can be set by --key=value or a JSON config file
     ckpt: str = "out"             # a Hugging Face or Meta directory, or train.py's out_dir
     prompt: str = ""              # the instruction; 'FILE:path' reads a file, '' or '-' reads stdin
-    chat: str = "auto"            # 'yes': the model's chat format, 'no': the plain Alpaca template, 'auto': by model
+    chat: str = "auto"            # 'yes': the chat format, 'no': the Alpaca template, 'auto'
     num_samples: int = 1
     max_new_tokens: int = 256
     temperature: float = 0.8      # 0: greedy
@@ -47,8 +48,11 @@ def read_prompt(prompt):
 
 
 def stream(model, tok, x, c):
-    """Generate after x (1, T), printing the new text as it comes; returns the times at which each token arrived."""
-    ids, times, shown = [], [], ""
+    """Generate after x (1, T), printing the new text as it comes; returns the times at which each
+    token arrived."""
+    ids = []
+    times = []
+    shown = ""
 
     def on_token(nxt):
         nonlocal shown
@@ -57,7 +61,7 @@ def stream(model, tok, x, c):
             return
         ids.append(nxt.item())
         text = tok.decode(ids)
-        if not text.endswith("\ufffd"):  # else the last bytes start a character whose other bytes are still to come
+        if not text.endswith("\ufffd"):  # else the last bytes begin a character still to come
             print(text[len(shown):], end="", flush=True)
             shown = text
 
@@ -66,25 +70,44 @@ def stream(model, tok, x, c):
     return times
 
 
+def print_samples(model, tok, x, c):
+    """num_samples continuations of x (1, T) as one batch, printed when all are done."""
+    start = time.perf_counter()
+    batch = x.expand(c.num_samples, -1)
+    out = model.generate(batch, c.max_new_tokens, c.temperature, c.top_k, c.top_p, tok.stop_ids)
+    new = 0
+    for i, ids in enumerate(out[:, x.shape[1]:].tolist()):
+        if i:
+            print("---------------")
+        end = next((j for j, t in enumerate(ids) if t in tok.stop_ids), len(ids))
+        new += min(end + 1, len(ids))
+        print(tok.decode(ids[:end]), flush=True)
+    seconds = time.perf_counter() - start
+    print(f"[{c.num_samples} samples of {x.shape[1]} prompt tokens in one batch: {new} new tokens "
+          f"in {seconds:.2f}s, {new / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
 def main(argv):
     c = configure(Config(), argv)
     model, tok = load_checkpoint(c.ckpt, dtype=getattr(torch, c.dtype), device=c.device)
     ids = prompt_ids(tok, read_prompt(c.prompt), chat=use_chat(tok, c.chat))
     if c.max_new_tokens < 1 or len(ids) >= model.cfg.max_seq_len:
-        raise ValueError(f"no room to generate: max_new_tokens={c.max_new_tokens}, a prompt of {len(ids)} tokens, "
-                         f"max_seq_len {model.cfg.max_seq_len}")
+        raise ValueError(f"no room to generate: max_new_tokens={c.max_new_tokens}, a prompt of "
+                         f"{len(ids)} tokens, max_seq_len {model.cfg.max_seq_len}")
     model.eval()
     x = torch.tensor([ids], device=c.device)
     torch.manual_seed(c.seed)
-    for i in range(c.num_samples):
-        if i:
-            print("---------------")
-        start = time.perf_counter()
-        times = stream(model, tok, x, c)
-        # tokens/s from the second token on: the first one pays for the prompt
-        rate = f", then {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s" if len(times) > 2 else ""
-        print(f"[{len(ids)} prompt tokens, first new token after {times[0] - start:.2f}s{rate}, "
-              f"{len(times)} new tokens]", file=sys.stderr)
+    if c.num_samples > 1:
+        print_samples(model, tok, x, c)
+        return
+    start = time.perf_counter()
+    times = stream(model, tok, x, c)
+    # tokens/s from the second token on: the first one pays for the prompt
+    rate = ""
+    if len(times) > 2:
+        rate = f", then {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s"
+    print(f"[{len(ids)} prompt tokens, first new token after {times[0] - start:.2f}s{rate}, "
+          f"{len(times)} new tokens]", file=sys.stderr)
 
 
 if __name__ == "__main__":

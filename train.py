@@ -1,12 +1,14 @@
-"""Train a LLaMA-family model with CUT (or a baseline) on judgment triples: one CPU or GPU, or torchrun DDP / FSDP.
+"""Train a LLaMA-family model with CUT (or a baseline) on judgment triples: one CPU or GPU, or
+torchrun with DDP or FSDP.
 
-    python train.py                                   # the built-in task: an MLE base model, then CUT (out/)
+    python train.py                               # the built-in task: an MLE base, then CUT (out/)
     python train.py --init_from=DIR --data=FILE --lora_rank=16
-    torchrun --nproc_per_node=8 train.py run.json     # a JSON config file, then --key=value flags (--fsdp=True)
+    torchrun --nproc_per_node=8 train.py run.json # a JSON config file, then --key=value flags
 
-data.py turns triples into batches of sequences, model.py gives logits, cut_loss.py the loss; this file is the loop:
-AdamW after a warmup at a constant or cosine-decayed rate, gradient accumulation, autocast, DDP or FSDP, LoRA,
-activation checkpointing, atomic checkpoints, --resume, and a clean stop on Ctrl-C or SIGTERM.
+data.py turns triples into batches of sequences, model.py gives log-probs, cut_loss.py the loss;
+this file is the loop: AdamW after a warmup at a constant or cosine-decayed rate, gradient
+accumulation, autocast, DDP or FSDP, LoRA, activation checkpointing, atomic checkpoints, --resume,
+and a clean stop on Ctrl-C or SIGTERM.
 """
 import json
 import math
@@ -18,7 +20,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-# before torch loads OpenMP: its spinning threads made small CPU ops up to 20x slower on 2 cores (measured)
+# before torch loads OpenMP: its spinning threads made small CPU ops up to 20x slower on 2 cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
@@ -41,41 +43,41 @@ from tasks.letters import make_task
 @dataclass
 class Config:  # every key can be set by --key=value or a JSON config file
     out_dir: str = "out"
-    init_from: str = "scratch"    # 'scratch' or a checkpoint directory (Hugging Face, Meta, or a train.py out_dir)
-    data: str = "builtin"         # a triples file (.json / .jsonl), or 'builtin': the built-in judgment task
+    init_from: str = "scratch"    # 'scratch' or a checkpoint: Hugging Face, Meta, an out_dir
+    data: str = "builtin"         # a triples file (.json, .jsonl), or 'builtin': the built-in task
     loss: str = "cut"             # cut, sft, sft_all, hindsight, forward
-    lam: float = 2.0              # token detection: U = {t : p_n(t) - lam * p_x(t) > 0} (paper Eq. 5)
+    lam: float = 2.0              # token detection: U = {t : p_n(t) - lam * p_x(t) > 0} (Eq. 5)
     alpha: float = 1.0            # unlikelihood weight
     gamma: float = 0.0            # dynamic weighting exponent, paper Eq. 6 (0: the authors' code)
-    chat: str = "auto"            # prompt format: 'auto' (the chat format for instruct checkpoints), 'yes', 'no'
+    chat: str = "auto"            # prompt format: 'auto' (chat format if instruct), 'yes', 'no'
     max_iters: int = 600          # lr, lam: the best of compare.py's validation within 600 steps
     batch_size: int = 16          # triples per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, over all processes together
     learning_rate: float = 3e-4
     warmup_iters: int = 10
-    decay_lr: bool = False        # after warmup: a cosine decay to min_lr, or (False) a constant learning_rate
+    decay_lr: bool = False        # after warmup: a cosine decay to min_lr, or a constant rate
     min_lr: float = 1e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0        # 0 = off
     lora_rank: int = 0            # 0 = full fine-tune
     lora_alpha: float = 16.0
     lora_targets: str = "gate_proj,up_proj,down_proj"  # the authors' choice
-    dtype: str = "float32"        # 'float32', 'bfloat16' (autocast), 'float16' (autocast + GradScaler)
+    dtype: str = "float32"        # 'float32', 'bfloat16' (autocast), 'float16' (+ GradScaler)
     compile: bool = False
-    fsdp: bool = False            # torchrun: shard weights, gradients and AdamW state over the processes (FSDP2)
-    grad_ckpt: bool = False       # keep each block's input only, recompute the rest in backward: one more forward
+    fsdp: bool = False            # torchrun: shard weights, gradients and AdamW state (FSDP2)
+    grad_ckpt: bool = False       # keep each block's input only, recompute the rest in backward
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     seed: int = 1337
     eval_interval: int = 100      # iterations between validation losses and checkpoints
     log_interval: int = 10
     max_len: int = 512            # tokens per sequence; longer prompts are cut from the left
     val_frac: float = 0.05
-    resume: bool = False          # go on from out_dir's checkpoint, with the same settings (max_iters may grow)
+    resume: bool = False          # go on from out_dir's checkpoint (only max_iters may grow)
     overwrite: bool = False       # start afresh in an out_dir that holds a run, deleting that run
     # the built-in task (data='builtin'), and the model trained from scratch for it
-    task: str = "mixed"           # fine-tuning data: 'mixed' (25% flawed) or 'new' (a new format, all flawed)
+    task: str = "mixed"           # 'mixed' (25% flawed) or 'new' (a new format, all flawed)
     task_size: int = 12000
-    base_iters: int = 1200        # from scratch: first an MLE base on the task's base data, in out_dir/base
+    base_iters: int = 1200        # from scratch: first an MLE base on the base data, out_dir/base
     base_lr: float = 2e-3
     n_layers: int = 2
     n_heads: int = 4
@@ -84,14 +86,15 @@ class Config:  # every key can be set by --key=value or a JSON config file
 
 CHOICES = {"loss": LOSS_MODES, "task": ("mixed", "new")}
 def base_config(cfg):
-    """The built-in task's base: MLE on every response of the base data, from scratch, in out_dir/base."""
-    return replace(cfg, out_dir=str(Path(cfg.out_dir) / "base"), loss="sft_all", max_iters=cfg.base_iters,
-                   learning_rate=cfg.base_lr, decay_lr=True, min_lr=cfg.base_lr / 10, warmup_iters=20,
-                   seed=cfg.seed + 1, task="base", lora_rank=0)
+    """The built-in task's base: MLE on every response of the base data, from scratch."""
+    return replace(cfg, out_dir=str(Path(cfg.out_dir) / "base"), loss="sft_all",
+                   max_iters=cfg.base_iters, learning_rate=cfg.base_lr, decay_lr=True,
+                   min_lr=cfg.base_lr / 10, warmup_iters=20, seed=cfg.seed + 1, task="base",
+                   lora_rank=0)
 
 
 def lr_at(it, cfg):
-    """Linear warmup, then learning_rate, or with decay_lr a cosine decay from it to min_lr at max_iters."""
+    """Linear warmup, then learning_rate, or with decay_lr a cosine decay to min_lr at max_iters."""
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     if not cfg.decay_lr:
@@ -101,24 +104,27 @@ def lr_at(it, cfg):
 
 
 def micro_batches(encoded, it, cfg, rank, world):
-    """The micro-batches this process runs at iteration `it`: a function of (seed, it) alone, so that any number of
-    processes sees the same triples per iteration and --resume needs only the iteration number."""
+    """The micro-batches this process runs at iteration `it`: a function of (seed, it) alone, so
+    that any number of processes sees the same triples per iteration and --resume needs only it."""
     per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
     start = it * per_iter
-    epoch, chosen = start // len(encoded), []
+    epoch = start // len(encoded)
+    chosen = []
     while len(chosen) < per_iter:  # walk a fresh permutation for each epoch
-        perm = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        perm = torch.randperm(len(encoded), generator=generator).tolist()
         offset = start + len(chosen) - epoch * len(encoded)
         chosen += perm[offset:offset + per_iter - len(chosen)]
         epoch += 1
     # group similar lengths into the same micro-batch: less padding, same triples per iteration
     chosen.sort(key=lambda i: max(len(p) + len(t) for p, t in encoded[i].rows))
-    steps = [chosen[m * cfg.batch_size:(m + 1) * cfg.batch_size] for m in range(cfg.gradient_accumulation_steps)]
+    size = cfg.batch_size
+    steps = [chosen[m * size:(m + 1) * size] for m in range(cfg.gradient_accumulation_steps)]
     return [[encoded[i] for i in step] for step in steps[rank::world]]
 
 
 def forward_loss(model, encoded, cfg, pad_id, dev, autocast):
-    """One batched forward of every sequence of these triples -> (loss, stats, tokens processed)."""
+    """One batched forward of every sequence of these triples: (loss, stats, tokens processed)."""
     batch = collate(encoded, pad_id).to(dev)
     with autocast:
         logp, mask = response_logprobs(model(batch.idx, targets=batch.targets), batch.targets)
@@ -135,24 +141,26 @@ def load_data(cfg, tok, chat, master):
         triples = load_triples(cfg.data, verbose=master)
     train_t, val_t = split_triples(triples, cfg.val_frac, cfg.seed)
     enc = lambda ts: encode_triples(tok, ts, cfg.loss, cfg.max_len, chat, verbose=master)
-    train_e, val_e = enc(train_t), enc(val_t)
+    train_e = enc(train_t)
     if not train_e:
-        why = " (sft trains on acceptable triples only, and every triple here is flawed)" if cfg.loss == "sft" else ""
+        why = ""
+        if cfg.loss == "sft":
+            why = " (sft trains on acceptable triples only, and every triple here is flawed)"
         raise ValueError(f"{cfg.data}: no triples left to train on with loss={cfg.loss}{why}")
-    return train_e, val_e
+    return train_e, enc(val_t)
 
 
 def check_settings(cfg, ddp, world):
-    """The settings that no single key's rule can judge, checked before anything is read or trained."""
+    """The settings that no single key's rule can judge, checked before anything is read."""
     if cfg.gradient_accumulation_steps % world:
-        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not divide "
-                         f"among {world} processes (it counts micro-steps over all of them)")
+        raise ValueError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not "
+                         f"divide among {world} processes (it counts micro-steps over all of them)")
     if cfg.fsdp and (not ddp or cfg.lora_rank or cfg.compile or cfg.dtype == "float16"):
-        raise ValueError("fsdp=True shards a full fine-tune over torchrun's processes, in float32 or bfloat16, "
-                         "without compile; for LoRA use DDP (the adapters are small)")
+        raise ValueError("fsdp=True shards a full fine-tune over torchrun's processes, in float32 "
+                         "or bfloat16, without compile; for LoRA use DDP (the adapters are small)")
     if cfg.lora_rank and cfg.init_from == "scratch":
-        raise ValueError("lora_rank > 0 needs a pretrained init_from: adapters on random frozen weights "
-                         "learn nothing")
+        raise ValueError("lora_rank > 0 needs a pretrained init_from: adapters on random frozen "
+                         "weights learn nothing")
     if cfg.init_from != "scratch" and not Path(cfg.init_from).is_dir():
         raise FileNotFoundError(f"init_from {cfg.init_from}: no such checkpoint directory")
     if cfg.data != "builtin" and not Path(cfg.data).is_file():
@@ -160,13 +168,13 @@ def check_settings(cfg, ddp, world):
 
 
 def build_model(cfg, state, dev):
-    """(model, tokenizer): from scratch, or a checkpoint; sharded by FSDP if asked. A resumed full fine-tune
-    goes on from its own checkpoint, LoRA from its base (the saved adapters are put back later)."""
+    """(model, tokenizer): from scratch, or a checkpoint; sharded by FSDP if asked. A resumed full
+    fine-tune goes on from its own checkpoint, LoRA from its base (its adapters come back later)."""
     if cfg.init_from == "scratch" and not state:
         tok = Tokenizer.byte_level()
         model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                n_kv_heads=cfg.n_heads, vocab_size=tok.n_vocab, hidden_dim=3 * cfg.dim,
-                                max_seq_len=cfg.max_len + 1)
+                                n_kv_heads=cfg.n_heads, vocab_size=tok.n_vocab,
+                                hidden_dim=3 * cfg.dim, max_seq_len=cfg.max_len + 1)
         model = Transformer(model_cfg).to(dev)
     else:
         src = cfg.init_from
@@ -176,9 +184,10 @@ def build_model(cfg, state, dev):
         dtype = getattr(torch, cfg.dtype) if cfg.lora_rank else torch.float32
         model, tok = load_checkpoint(src, dtype=dtype, device=dev)
     if cfg.max_len > model.cfg.max_seq_len:
-        raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+        raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_seq_len "
+                         f"{model.cfg.max_seq_len}")
     model.grad_ckpt = cfg.grad_ckpt
-    if cfg.fsdp:  # one shard group per block, the root for the rest; compute in dtype, gradients reduced in fp32
+    if cfg.fsdp:  # a shard group per block, the root for the rest; gradients reduced in fp32
         # cast_forward_inputs=False: RoPE's cos and sin stay fp32, as under autocast
         mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32,
                                   cast_forward_inputs=False)
@@ -189,7 +198,7 @@ def build_model(cfg, state, dev):
 
 
 def trainable_params(model, cfg, state):
-    """The parameters AdamW trains: every one, or LoRA's adapters (fp32 on the low-precision frozen base)."""
+    """The parameters AdamW trains: every one, or LoRA's adapters (fp32 on a low-precision base)."""
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
         for p in model.parameters():
@@ -203,11 +212,12 @@ def trainable_params(model, cfg, state):
     return params
 
 
-FULL = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors on rank 0's CPU (FSDP)
+# FSDP's state dicts as whole tensors on rank 0's CPU
+FULL = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def build_optimizer(model, params, cfg, state, dev):
-    """AdamW (no weight decay on norms and biases) and the float16 GradScaler, restored from state."""
+    """AdamW (no weight decay on norms and biases) and float16's GradScaler, restored from state."""
     decay = [p for p in params if p.dim() >= 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -240,7 +250,7 @@ class Run:
 
 
 def set_up(cfg):
-    """Check the settings and out_dir, then build the model, the data and the optimizer (resumed if asked)."""
+    """Check the settings and out_dir, then build the model, the data and the optimizer."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
@@ -250,8 +260,9 @@ def set_up(cfg):
     check_settings(cfg, ddp, world)
     torch.manual_seed(cfg.seed)
     state = open_run(cfg, rank == 0)
-    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)  # a resume's was checked already
-    if ddp:  # the other ranks go on once rank 0 has finished an interrupted save and cleaned the directory
+    # read once; a resumed run's was checked by open_run
+    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)
+    if ddp:  # the other ranks go on once rank 0 has finished an interrupted save
         dist.barrier()
     model, tok = build_model(cfg, state, dev)
     train_e, val_e = load_data(cfg, tok, use_chat(tok, cfg.chat), rank == 0)
@@ -267,8 +278,8 @@ def set_up(cfg):
     if cfg.dtype != "float32":
         autocast = torch.autocast(torch.device(dev).type, dtype=getattr(torch, cfg.dtype))
     start_iter = state["iter"] if state else 0
-    return Run(model, raw, tok, params, optimizer, scaler, train_e, val_e, start_iter, data_sha256, dev,
-               rank, world, autocast)
+    return Run(model, raw, tok, params, optimizer, scaler, train_e, val_e, start_iter, data_sha256,
+               dev, rank, world, autocast)
 
 
 def train_step(run, it, cfg):
@@ -282,9 +293,11 @@ def train_step(run, it, cfg):
     for m, encoded in enumerate(micro_batches(run.train_e, it, cfg, run.rank, run.world)):
         if isinstance(run.model, DDP):  # synchronise gradients on the last micro-step only
             run.model.require_backward_grad_sync = m == steps_here - 1
-        loss, stats, n = forward_loss(run.model, encoded, cfg, run.tok.eos_id, run.dev, run.autocast)
+        loss, stats, n = forward_loss(run.model, encoded, cfg, run.tok.eos_id, run.dev,
+                                      run.autocast)
         run.scaler.scale(loss / steps_here).backward()
-        sums += torch.stack([loss.detach().float(), torch.as_tensor(stats["frac_unlikely"], device=run.dev)])
+        frac = torch.as_tensor(stats["frac_unlikely"], device=run.dev)
+        sums += torch.stack([loss.detach().float(), frac])
         tokens += n
     if cfg.grad_clip:
         run.scaler.unscale_(run.optimizer)
@@ -302,7 +315,8 @@ def evaluate(run, cfg):
     with torch.no_grad():
         for i in range(0, min(len(run.val_e), 20 * cfg.batch_size), cfg.batch_size):
             batch = run.val_e[i:i + cfg.batch_size]
-            losses.append(forward_loss(run.raw, batch, cfg, run.tok.eos_id, run.dev, run.autocast)[0].item())
+            loss = forward_loss(run.raw, batch, cfg, run.tok.eos_id, run.dev, run.autocast)[0]
+            losses.append(loss.item())
     run.raw.train()
     return sum(losses) / len(losses)
 
@@ -310,19 +324,19 @@ def evaluate(run, cfg):
 def checkpoint_state(run, cfg, it):
     """(train state, weights) to save after iteration it; every rank takes part (FSDP gathers)."""
     weights = dist_sd.get_model_state_dict(run.raw, options=FULL) if cfg.fsdp else None
-    state = {"iter": it + 1, "optimizer": dist_sd.get_optimizer_state_dict(run.raw, run.optimizer, options=FULL),
-             "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state(), "config": asdict(cfg),
-             "data_sha256": run.data_sha256,
+    optimizer = dist_sd.get_optimizer_state_dict(run.raw, run.optimizer, options=FULL)
+    state = {"iter": it + 1, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
+             "rng": torch.get_rng_state(), "config": asdict(cfg), "data_sha256": run.data_sha256,
              "trainable": [p.detach().cpu() for p in run.params if cfg.lora_rank]}
     return state, weights
 
 
 def train(cfg):
-    """Run one training job; returns a summary: out_dir, iterations, last losses, and the signal that stopped it."""
+    """One training job; returns out_dir, iterations, last losses and the signal that stopped it."""
     run = set_up(cfg)
     master = run.rank == 0
     out = Path(cfg.out_dir)
-    # Ctrl-C and SIGTERM (a cluster's preemption) end the current iteration, then save and stop; a second one kills
+    # Ctrl-C and SIGTERM (a cluster's preemption) end the iteration, then save and stop; a 2nd kills
     stop = []
     on_signal = lambda signum, frame: (stop.append(signum), signal.signal(signum, signal.SIG_DFL))
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -347,10 +361,13 @@ def train(cfg):
             last = it == cfg.max_iters - 1
             summary.update(iters=it + 1, loss=loss, frac_unlikely=frac)
             if it % cfg.log_interval == 0 or last or stopping:
+                speed = tokens * run.world / (time.time() - t0)
                 record = {"iter": it, "loss": round(loss, 5), "frac_unlikely": round(frac, 4),
-                          "lr": lr_at(it, cfg), "tok_per_s": round(tokens * run.world / (time.time() - t0))}
-                if (it % cfg.eval_interval == 0 or last) and (master or cfg.fsdp) and run.val_e:  # FSDP: all
-                    summary["val_loss"] = record["val_loss"] = round(evaluate(run, cfg), 5)  # after the timing
+                          "lr": lr_at(it, cfg), "tok_per_s": round(speed)}
+                evaluating = (it % cfg.eval_interval == 0 or last) and run.val_e
+                if evaluating and (master or cfg.fsdp):  # under FSDP every rank takes part
+                    record["val_loss"] = round(evaluate(run, cfg), 5)
+                    summary["val_loss"] = record["val_loss"]
                 bar.set_postfix({k: v for k, v in record.items() if k not in ("iter", "lr")})
                 if master:
                     log.write(json.dumps(record) + "\n")
@@ -358,8 +375,9 @@ def train(cfg):
                 t0 = time.time()
                 tokens = 0
             if frac > 0.5 and not warned and master:
-                tqdm.write(f"warning: frac_unlikely = {frac:.2f}: token detection flags most flawed tokens; "
-                           f"raise lam (now {cfg.lam}) so that U holds only the tokens the judgment explains")
+                tqdm.write(f"warning: frac_unlikely = {frac:.2f}: token detection flags most "
+                           f"flawed tokens; raise lam (now {cfg.lam}) so that U holds only the "
+                           "tokens the judgment explains")
                 warned = True
             if last or stopping or (it + 1) % cfg.eval_interval == 0:
                 state, weights = checkpoint_state(run, cfg, it)
@@ -381,19 +399,20 @@ def main(argv):
     cfg = configure(Config(), argv, CHOICES)
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:  # LOCAL_RANK picks this process's GPU; RANK (over all nodes) picks rank 0's duties
-        gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cfg.device.startswith("cuda") else None
-        if gpu:
+        gpu = None
+        if cfg.device.startswith("cuda"):
+            gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(gpu)
         dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
     t0 = time.time()
     try:
         if cfg.data == "builtin" and cfg.init_from == "scratch" and cfg.base_iters:
-            # CUT fine-tunes a model that can already do the task: first an MLE base that learns it and its mistake
+            # CUT fine-tunes a model that can do the task: an MLE base learns it, and its mistake
             base = base_config(cfg)
             has_state = lambda c: cfg.resume and (Path(c.out_dir) / "train_state.pt").exists()
-            if not cfg.resume and not cfg.overwrite:  # refuse a second run before the base phase trains anything
+            if not cfg.resume and not cfg.overwrite:  # refuse a second run before the base trains
                 open_run(cfg, master=False)
-            # under --resume a phase goes on from its checkpoint, or starts again if it was killed before its first
+            # under --resume a phase goes on from its checkpoint, or starts again if it has none
             phase = lambda c: replace(c, resume=has_state(c), overwrite=c.overwrite or c.resume)
             summary = train(phase(base))
             if not summary["stopped_by"]:
@@ -401,7 +420,7 @@ def main(argv):
                 summary = train(phase(cfg))
         else:
             summary = train(cfg)
-        if ddp:  # no rank tears gloo down while rank 0 still saves: a rank aborted at exit under load without this
+        if ddp:  # no rank tears gloo down while rank 0 still saves (else a rank aborted at exit)
             dist.barrier()
     finally:
         if ddp:
@@ -415,17 +434,24 @@ def main(argv):
 
 def report(s, cfg, argv, seconds):
     """What the run left, and the commands to run next."""
-    out, again = s["out_dir"], " ".join(a for a in argv if not a.startswith(("--resume", "--overwrite")))
+    out = s["out_dir"]
     if s["stopped_by"]:
-        print(f"train.py: stopped by {s['stopped_by']} after iteration {s['iters']}; the checkpoint is in {out}. "
-              f"Resume with: python train.py {again} --resume=True".replace("  ", " "))
+        again = " ".join(a for a in argv if not a.startswith(("--resume", "--overwrite")))
+        print(f"train.py: stopped by {s['stopped_by']} after iteration {s['iters']}; the "
+              f"checkpoint is in {out}. Resume with: "
+              f"python train.py {again} --resume=True".replace("  ", " "))
         return
-    losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("loss", "val_loss", "frac_unlikely") if s.get(k) is not None)
-    builtin, before = cfg.data == "builtin", "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
-    print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} ({losses}).\nNext:\n"
-          f"  python sample.py --ckpt={out} --prompt=\"{'Sort these letters: h, d, j, a' if builtin else '...'}\"\n"
-          + (f"  python eval.py --ckpt={out}    # the model against its base: accuracy, mistakes, U" if builtin else
-             f"  python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}"))
+    names = [k for k in ("loss", "val_loss", "frac_unlikely") if s.get(k) is not None]
+    losses = ", ".join(f"{k} {s[k]:.4f}" for k in names)
+    print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} "
+          f"({losses}).\nNext:")
+    if cfg.data == "builtin":
+        print(f"  python sample.py --ckpt={out} --prompt=\"Sort these letters: h, d, j, a\"\n"
+              f"  python eval.py --ckpt={out}    # against its base: accuracy, mistakes, U")
+        return
+    before = "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
+    print(f"  python sample.py --ckpt={out} --prompt=\"...\"\n"
+          f"  python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}")
 
 
 if __name__ == "__main__":

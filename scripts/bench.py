@@ -1,8 +1,10 @@
 """Benchmarks of this project against Hugging Face transformers, measured in the same run, printed as ratios.
 
-    CUT_SMOLLM2=/path/to/smollm2 python bench.py model [--parts decode,load,fwd_bwd] [--repeats 5] [--threads 1]
-    CUT_SMOLLM2=/path/to/smollm2 python bench.py train --data=train-alpaca-sample-iter1.json
-    python bench.py memory            python bench.py gpu [--dry]
+Run from the repository root:
+    CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench model [--parts decode,load,fwd_bwd]
+        [--repeats 5] [--threads 1]
+    CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench train --data=train-alpaca-sample-iter1.json
+    python -m scripts.bench memory            python -m scripts.bench gpu [--dry]
 
 Not a test. The CPU may be shared, so ours and theirs alternate (who goes first swaps each round), each figure is
 the median of the rounds, and the table also gives the spread of the rounds, (max - min) / median, and the ratio of
@@ -78,30 +80,40 @@ def load_both(path, dtype):
 
 def bench_decode(path, args, new_tokens=64):
     from tokenizers import Tokenizer
-    prompt = "The three most important ideas in the history of science, explained briefly for a curious child, are"
+    prompt = ("The three most important ideas in the history of science, explained briefly for a "
+              "curious child, are")
     idx = torch.tensor([Tokenizer.from_file(str(path / "tokenizer.json")).encode(prompt).ids])
-    print(f"decode: greedy, batch 1, {idx.shape[1]}-token prompt, {new_tokens} new tokens, tokens/s including the prefill")
+    print(f"decode: greedy, batch 1, {idx.shape[1]}-token prompt, {new_tokens} new tokens, "
+          "tokens/s including the prefill")
     for dtype in (torch.float32, torch.bfloat16):
-        ours_model, hf = load_both(path, dtype)
-        ours_model.eval(), hf.eval()
-        outs = {}
+        # one dtype's pair of models at a time: they are freed when decode_one returns
+        decode_one(path, args, idx, dtype, new_tokens)
 
-        def timed(name, generate):
-            def run():
-                t = time.perf_counter()
-                outs[name] = generate()
-                return new_tokens / (time.perf_counter() - t)
-            return run
-        ours = timed("ours", lambda: ours_model.generate(idx, new_tokens, temperature=0))
-        theirs = timed("theirs", lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False,
-                                                     pad_token_id=2, min_new_tokens=new_tokens, max_new_tokens=new_tokens))
-        with torch.no_grad():
-            alternate(ours, theirs, 1)  # warm-up
-            a, b = alternate(ours, theirs, args.repeats)
-        agree = (outs["ours"] == outs["theirs"])[0, idx.shape[1]:].long().cumprod(0).sum().item()
-        print(f"  {str(dtype)[6:]}: the first {agree} of {new_tokens} greedy tokens equal transformers'")
-        report(f"decode tok/s {str(dtype)[6:]}", a, b, "tok/s", (">= 2x", lambda o, r: r >= 2))
-        del ours_model, hf
+
+def decode_one(path, args, idx, dtype, new_tokens):
+    """Greedy decoding of idx by ours and transformers' in dtype: one table row."""
+    ours_model, hf = load_both(path, dtype)
+    ours_model.eval(), hf.eval()
+    outs = {}
+
+    def timed(name, generate):
+        def run():
+            t = time.perf_counter()
+            outs[name] = generate()
+            return new_tokens / (time.perf_counter() - t)
+        return run
+    ours = timed("ours", lambda: ours_model.generate(idx, new_tokens, temperature=0))
+    theirs = timed("theirs", lambda: hf.generate(idx, attention_mask=torch.ones_like(idx),
+                                                 do_sample=False, pad_token_id=2,
+                                                 min_new_tokens=new_tokens,
+                                                 max_new_tokens=new_tokens))
+    with torch.no_grad():
+        alternate(ours, theirs, 1)  # warm-up
+        a, b = alternate(ours, theirs, args.repeats)
+    agree = (outs["ours"] == outs["theirs"])[0, idx.shape[1]:].long().cumprod(0).sum().item()
+    print(f"  {str(dtype)[6:]}: the first {agree} of {new_tokens} greedy tokens equal "
+          "transformers'")
+    report(f"decode tok/s {str(dtype)[6:]}", a, b, "tok/s", (">= 2x", lambda o, r: r >= 2))
 
 
 LOAD_CHILD = r"""
@@ -196,15 +208,26 @@ def bench_model(args):
 
 # ----------------------------------------------------------------------------- train: a CUT step's cost, tokens/s
 
-def train_step(model, batch, mode, opt, keep=True):
-    """One training step of `mode` on a collated batch: forward, loss, backward, AdamW; returns seconds."""
+def token_logprobs(model, batch, hf):
+    """log p(target) (n,) at the trained positions of a collated batch: ours computes them
+    LOGIT_CHUNK positions at a time; transformers' model gives the (B, T, V) logits, and only the
+    trained positions go through the log-softmax, in float32."""
+    if not hf:
+        return model(batch.idx, targets=batch.targets)
+    logits = model(batch.idx, use_cache=False).logits
+    trained = batch.targets != -100
+    return -F.cross_entropy(logits[trained].float(), batch.targets[trained], reduction='none')
+
+
+def train_step(model, batch, mode, opt, hf=False):
+    """One training step of `mode` on a collated batch: forward, loss, backward, AdamW; returns
+    seconds. hf: model is transformers' (the peer)."""
     from cut_loss import batch_loss, response_logprobs
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        kept = batch.targets != -100
-        logits = model(batch.idx, keep=kept) if keep else model(batch.idx, use_cache=False).logits
-        logp, mask = response_logprobs(logits, batch.targets)
-        loss, _ = batch_loss(mode, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg, 1.1, 1.0, 0.0)
+        logp, mask = response_logprobs(token_logprobs(model, batch, hf), batch.targets)
+        loss, _ = batch_loss(mode, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
+                             1.1, 1.0, 0.0)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -236,7 +259,8 @@ def bench_cut_vs_sft(args):
 
 
 def bench_train_tokens(args, batch_size=4, max_len=256):
-    """Training tokens/s on SmolLM2 and real triples, bf16 autocast: ours (logits only at the response) vs transformers."""
+    """Training tokens/s on SmolLM2 and real triples, bf16 autocast: ours (logits only at the
+    response) vs transformers."""
     from data import collate, encode_triples
     from support.tokenizer import Tokenizer
     from support.triple_files import load_triples
@@ -252,7 +276,7 @@ def bench_train_tokens(args, batch_size=4, max_len=256):
     ours_model.train(), hf.train()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-6) for m in (ours_model, hf)]
     ours = lambda: tokens / sum(train_step(ours_model, b, "sft_all", opts[0]) for b in batches)
-    theirs = lambda: tokens / sum(train_step(hf, b, "sft_all", opts[1], keep=False) for b in batches)
+    theirs = lambda: tokens / sum(train_step(hf, b, "sft_all", opts[1], hf=True) for b in batches)
     print(f"train tokens/s: SmolLM2 full fine-tune step, fp32 weights, bf16 autocast, 8 batches of {batch_size} real "
           f"triples (x -> y, at most {max_len} tokens), the same loss code on both sides")
     alternate(ours, theirs, 1)
@@ -315,7 +339,8 @@ def step_memory(cfg, mode, rows, seq, trained, gpus=1, ddp=False, grad_ckpt=Fals
         acts = cfg.n_layers * tokens * (4 if mode == "full" else 2) * d + tokens * per_layer
     else:
         acts = cfg.n_layers * tokens * per_layer
-    block = trained if chunk == 0 else min(trained, chunk or LOGIT_CHUNK)  # chunk 0: the (n, V) logits at once
+    # chunk 0: the (n, V) logits in one block
+    block = trained if chunk == 0 else min(trained, chunk or LOGIT_CHUNK)
     logits = 12 * cfg.vocab_size * block  # fp32 log-softmax, its gradient in and out
     if mode == "full":  # other: autocast's bf16 copies of the linear weights, kept for backward
         m = dict(weights=4 * P, grads=4 * P, adamw=8 * P, other=2 * n["linear"] + 6 * n["head"])
@@ -351,9 +376,7 @@ def rss(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 def step(m, opt):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # train.py with dtype=bfloat16
-        out = m(idx, keep=targets != -100) if a["chunk"] == 0 else m(idx, targets=targets)  # 0: train.py before
-        logp, mask = response_logprobs(out, targets)
-        del out  # as in train.forward_loss: nothing else holds the logits
+        logp, mask = response_logprobs(m(idx, targets=targets), targets)  # as train.forward_loss
         loss, _ = batch_loss("cut", logp, mask, rows[0::2], rows[1::2], rows[0::2] >= 0, 1.5, 1.0, 0.0)
     loss.backward()
     opt.step()
@@ -362,7 +385,10 @@ warm = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidd
 step(warm, torch.optim.AdamW(warm.parameters()))  # oneDNN's kernels and autograd's threads: not the step's memory
 del warm
 base = rss("VmRSS")
-model.LOGIT_CHUNK = a["chunk"] or model.LOGIT_CHUNK
+if a["chunk"] == 0:  # the whole (n, V) logits in one block
+    model.LOGIT_CHUNK = 2**62
+elif a["chunk"]:
+    model.LOGIT_CHUNK = a["chunk"]
 m = Transformer(cfg)
 if a["mode"] == "lora":  # train.py's LoRA: a bf16 base, fp32 adapters
     m = add_lora(m.to(torch.bfloat16), a["lora_rank"], 2.0 * a["lora_rank"])
@@ -379,9 +405,10 @@ print(json.dumps(dict(peak=rss("VmHWM") - base)))
 
 
 def measure_step(cfg, mode, rows, seq, trained, grad_ckpt=False, chunk=None):
-    """Peak RSS above a warmed-up baseline over a steady-state CUT step in a fresh interpreter, bytes. Allocations
-    over 64 KiB are mmapped, so memory freed is returned at once and the peak is the live tensors'. chunk: as in
-    step_memory (None: model.LOGIT_CHUNK; 0: model(idx, keep=...), the whole (n, V) logits at once)."""
+    """Peak RSS above a warmed-up baseline over a steady-state CUT step in a fresh interpreter,
+    bytes. Allocations over 64 KiB are mmapped, so memory freed is returned at once and the peak is
+    the live tensors'. chunk: as in step_memory (None: model.LOGIT_CHUNK; 0: model.LOGIT_CHUNK set
+    past every n, so the whole (n, V) logits are one block; else model.LOGIT_CHUNK = chunk)."""
     from dataclasses import asdict
     arg = dict(cfg={k: v for k, v in asdict(cfg).items() if k not in ("head_dim", "max_seq_len")}, mode=mode, rows=rows,
                seq=seq, trained=trained, grad_ckpt=grad_ckpt, chunk=chunk, lora_rank=LORA_RANK)
@@ -427,9 +454,12 @@ def bench_memory(args):
     cases = {"SmolLM2-135M full": (smol, dict(mode="full", **short)),
              "SmolLM2-135M LoRA": (smol, dict(mode="lora", **short)),
              "SmolLM2-135M full + grad_ckpt": (smol, dict(mode="full", grad_ckpt=True, **short)),
-             # the chunked log-softmax on a Llama 3 vocabulary: the (n, V) logits at once (before), or 256 rows of them
-             "128k vocab, 1024 trained, logits at once": (vocab_128k, dict(mode="full", chunk=0, **long)),
-             "128k vocab, 1024 trained, 256 at a time": (vocab_128k, dict(mode="full", chunk=256, **long))}
+             # the chunked log-softmax on a Llama 3 vocabulary: the (n, V) logits in one block,
+             # or 256 rows of them at a time
+             "128k vocab, 1024 trained, logits at once":
+                 (vocab_128k, dict(mode="full", chunk=0, **long)),
+             "128k vocab, 1024 trained, 256 at a time":
+                 (vocab_128k, dict(mode="full", chunk=256, **long))}
     print("\nchecked on this CPU: one process, bf16 autocast, the peak RSS of a second step above a warmed-up "
           "baseline; MB = 1e6 bytes")
     print("| case | tokens (trained) | predicted MB | measured MB | measured / predicted |\n|---|---|---|---|---|")
@@ -611,7 +641,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", default="", help="train: a triples file (the CUT authors' online iteration 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE))  # the project's modules, also when run as scripts/bench.py
     start, load_avg = time.perf_counter(), os.getloadavg()[0]
     BENCHMARKS[args.section](args)
     print(f"\n{args.section}: {time.perf_counter() - start:.0f} s, {args.threads} torch threads on {os.cpu_count()} cores, "

@@ -1,8 +1,10 @@
-"""Checkpoint files: Hugging Face (config.json + safetensors, sharded or not) and Meta (params.json +
-consolidated.NN.pth) readers, a safetensors reader and writer, and the finish of an interrupted save.
+"""Checkpoint files: Hugging Face (config.json + safetensors, sharded or not) and Meta
+(params.json + consolidated.NN.pth) readers, a safetensors reader and writer, and the finish of an
+interrupted save.
 
-model.py's from_pretrained and save_pretrained call read_checkpoint and write_checkpoint. A model config travels
-as a plain dict of model.ModelConfig's fields, so this file needs nothing from model.py.
+model.py's from_pretrained and save_pretrained call read_checkpoint and write_checkpoint. A model
+config travels as a plain dict of model.ModelConfig's fields, so this file needs nothing from
+model.py.
 """
 import json
 import math
@@ -20,14 +22,16 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 
 def read_checkpoint(path):
-    """(config fields, {tensor name: (shape, load(dtype, device), file)}) of a checkpoint directory."""
+    """(config fields, {tensor name: (shape, load(dtype, device), file)}) of a checkpoint
+    directory."""
     path = Path(path)
     finish_checkpoint(path)
     if (path / "config.json").exists():
         return _read_hf(path)
     if (path / "params.json").exists():
         return _read_meta(path)
-    raise FileNotFoundError(f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
+    raise FileNotFoundError(
+        f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
 
 
 def write_checkpoint(directory, cfg, state_dict):
@@ -55,8 +59,9 @@ def write_checkpoint(directory, cfg, state_dict):
 
 
 def read_safetensors(file):
-    """{name: (shape, loader, file)} of a memory-mapped safetensors file; loader(dtype, device) copies one
-    tensor to the target dtype and drops its pages, so peak memory stays near one copy."""
+    """{name: (shape, loader, file)} of a memory-mapped safetensors file; loader(dtype, device)
+    copies one tensor to the target dtype and drops its pages, so peak memory stays near one
+    copy."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -64,8 +69,8 @@ def read_safetensors(file):
             raise ValueError(f"{file}: truncated safetensors file ({size} bytes)")
         n = struct.unpack("<Q", head)[0]
         if 8 + n > size:
-            raise ValueError(f"{file}: safetensors header of {n} bytes runs past the end of the file "
-                             f"({size} bytes)")
+            raise ValueError(f"{file}: safetensors header of {n} bytes runs past the end of the "
+                             f"file ({size} bytes)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -97,8 +102,9 @@ def read_safetensors(file):
 
 
 def finish_checkpoint(path):
-    """Move a complete save that was killed while moving its files (path/.ckpt-new/COMPLETE) into path. Two
-    processes may do this at once: each file moves once. An incomplete .ckpt-new is the writer's to remove."""
+    """Move a complete save that was killed while moving its files (path/.ckpt-new/COMPLETE) into
+    path. Two processes may do this at once: each file moves once. An incomplete .ckpt-new is the
+    writer's to remove."""
     tmp = Path(path) / ".ckpt-new"
     with suppress(FileNotFoundError):
         if (tmp / "COMPLETE").exists():
@@ -110,7 +116,8 @@ def finish_checkpoint(path):
 
 
 def write_safetensors(file, state_dict):
-    """{name: tensor} as safetensors: the header's length in 8 bytes, the JSON header, the raw bytes."""
+    """{name: tensor} as safetensors: the header's length in 8 bytes, the JSON header, the raw
+    bytes."""
     header = {"__metadata__": {"format": "pt"}}
     offset = 0
     tensors = []
@@ -147,11 +154,13 @@ def _read_hf(path):
                           "intermediate_size", "vocab_size", "rms_norm_eps"])
     family = c.get("model_type", "llama")
     odd = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if c.get(k)]
-    if family not in ("llama", "mistral", "qwen2") or odd:  # Qwen2's sliding window is per layer
+    supported_family = family in ("llama", "mistral", "qwen2")
+    if not supported_family or odd:  # Qwen2's sliding window is per layer
         raise ValueError(f"{file}: model_type {' '.join([repr(family), *odd])} is not supported; "
                          "supported: llama, mistral (sliding_window), qwen2 (its q/k/v biases); "
                          "no other biases")
-    rope = c.get("rope_parameters")  # transformers' newer name; older files keep rope_theta beside it
+    # transformers' newer name; older files keep rope_theta beside rope_scaling
+    rope = c.get("rope_parameters")
     if not rope:
         rope = dict(c.get("rope_scaling") or {}, rope_theta=c.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -164,7 +173,8 @@ def _read_hf(path):
     window = 0
     if family == "mistral":
         window = c.get("sliding_window") or 0
-    cfg = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=c["num_attention_heads"],
+    cfg = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
+               n_heads=c["num_attention_heads"],
                n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
                vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
                head_dim=c.get("head_dim") or 0, norm_eps=c["rms_norm_eps"],
@@ -182,7 +192,7 @@ def _read_hf(path):
     state = {}
     for name in files:
         state.update(read_safetensors(path / name))
-    # older checkpoints store the derived rotary inverse frequencies; they are recomputed from the config
+    # older checkpoints store the derived rotary inverse frequencies: recomputed from the config
     return cfg, {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
@@ -201,8 +211,8 @@ def _read_meta(path):
     try:
         shards = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
     except (pickle.UnpicklingError, RuntimeError) as e:
-        raise ValueError(f"{path}: a consolidated.NN.pth that is not plain tensors (pickled code or "
-                         "objects are never run: weights_only loading) or not a torch file: "
+        raise ValueError(f"{path}: a consolidated.NN.pth that is not plain tensors (pickled code "
+                         "or objects are never run: weights_only loading) or not a torch file: "
                          f"{str(e).splitlines()[0]}") from None
     hidden = int(2 * 4 * p["dim"] / 3)  # Meta's rule for the SwiGLU inner size
     if p.get("ffn_dim_multiplier"):
@@ -217,10 +227,12 @@ def _read_meta(path):
     if vocab <= 0:  # Llama 2 writes -1
         vocab = shards[0]["tok_embeddings.weight"].shape[0]
     cfg = dict(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-               n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab, hidden_dim=hidden,
+               n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab,
+               hidden_dim=hidden,
                norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
                rope_scaling=scaling, max_seq_len=p.get("max_seq_len", 8192))
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight",
+             "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
     for i in range(cfg["n_layers"]):
         for meta, hf in META_TO_HF.items():
@@ -253,10 +265,11 @@ def _meta_loader(parts, name, cfg):
     def load(dtype, device):
         t = parts[0] if dim is None else torch.cat(parts, dim=dim)
         t = t.to(device=device, dtype=dtype)
-        # Meta interleaves rotary pairs (x0, x1), Hugging Face splits heads in halves: permute q and k rows
+        # Meta interleaves rotary pairs, Hugging Face splits heads in halves: permute q and k rows
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             n = cfg["n_heads"] if "q_proj" in name else cfg["n_kv_heads"]
             head_dim = cfg["dim"] // cfg["n_heads"]
-            t = t.view(n, head_dim // 2, 2, cfg["dim"]).transpose(1, 2).reshape(n * head_dim, cfg["dim"])
+            t = t.view(n, head_dim // 2, 2, cfg["dim"]).transpose(1, 2)
+            t = t.reshape(n * head_dim, cfg["dim"])
         return t
     return tuple(shape), load

@@ -1,5 +1,6 @@
-"""Run directories: what train.py may write where, and how it resumes. A run is never reused silently, a
-resumed run goes on only with its own settings and data, and a checkpoint is written atomically.
+"""Run directories: what train.py may write where, and how it resumes. A run is never reused
+silently, a resumed run goes on only with its own settings and data, and a checkpoint is written
+atomically.
 """
 import json
 import shutil
@@ -12,14 +13,19 @@ from support.checkpoint import finish_checkpoint
 from support.triple_files import data_hash
 
 # settings that a resumed run may change: they do not alter what the run computes
-RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite grad_ckpt".split())
-RUN_FILES = ("train_state.pt", "log.jsonl", "config.json", "model.safetensors")  # a directory with one holds a run
-
+RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite "
+                "grad_ckpt".split())
+# a directory with one of these holds a run
+RUN_FILES = ("train_state.pt", "log.jsonl", "config.json", "model.safetensors")
+# the tokenizer a checkpoint carries: --overwrite=True deletes it with the run
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "chat_template.jinja")
 
 
 def save_checkpoint(raw, tok, state, out, weights=None):
-    """Write into out/.ckpt-new, mark it complete, then move each file into out: a kill at any point leaves either
-    the old checkpoint or a complete new one, which the next reader of out moves in (model.finish_checkpoint)."""
+    """Write into out/.ckpt-new, mark it complete, then move each file into out: a kill at any point
+    leaves either the old checkpoint or a complete new one, which the next reader of out moves in
+    (support.checkpoint.finish_checkpoint)."""
     tmp = out / ".ckpt-new"
     shutil.rmtree(tmp, ignore_errors=True)
     raw.save_pretrained(tmp, weights)
@@ -30,37 +36,46 @@ def save_checkpoint(raw, tok, state, out, weights=None):
 
 
 def open_run(cfg, master):
-    """Check out_dir before anything is trained: a run is never reused silently, and --resume goes on only with the
-    run's own settings and data. Returns the saved train state, or None for a new run."""
+    """Check out_dir before anything is trained: a run is never reused silently, and --resume goes
+    on only with the run's own settings and data. Returns the saved train state, or None for a new
+    run."""
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out}: a file, not a directory")
-    if cfg.init_from != "scratch" and out.resolve() == Path(cfg.init_from).resolve():
-        raise ValueError(f"out_dir and init_from are both {out}: training would overwrite the checkpoint it starts "
-                         "from; choose another --out_dir")
+    from_checkpoint = cfg.init_from != "scratch"
+    if from_checkpoint and out.resolve() == Path(cfg.init_from).resolve():
+        raise ValueError(f"out_dir and init_from are both {out}: training would overwrite the "
+                         "checkpoint it starts from; choose another --out_dir")
     if master:
         finish_checkpoint(out)
     if cfg.resume:
         if not (out / "train_state.pt").is_file():
-            raise ValueError(f"{out}: no checkpoint to resume (train_state.pt); start without --resume")
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)  # 1 copy a node
+            raise ValueError(f"{out}: no checkpoint to resume (train_state.pt); "
+                             "start without --resume")
+        # mmap: one copy a node however many processes load it
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True,
+                           mmap=True)
         saved = dict(state["config"], data_sha256=state.get("data_sha256"))
         now = dict(asdict(cfg), data_sha256=data_hash(cfg.data))
-        diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+        changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+        diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed]
         if diffs:
-            raise ValueError(f"{out}: --resume with settings other than the run's ({'; '.join(diffs)}); resume with "
-                             "the run's settings, or start a new run in another --out_dir")
+            raise ValueError(f"{out}: --resume with settings other than the run's "
+                             f"({'; '.join(diffs)}); resume with the run's settings, "
+                             "or start a new run in another --out_dir")
         if master:  # iterations logged after the checkpoint will run again
-            lines = (out / "log.jsonl").read_text().splitlines() if (out / "log.jsonl").exists() else []
-            kept = [line for line in lines if line.strip() and json.loads(line)["iter"] < state["iter"]]
-            (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
+            log = out / "log.jsonl"
+            lines = log.read_text().splitlines() if log.exists() else []
+            kept = [line for line in lines
+                    if line.strip() and json.loads(line)["iter"] < state["iter"]]
+            log.write_text("".join(line + "\n" for line in kept))
         return state
     if any((out / f).exists() for f in RUN_FILES):
         if not cfg.overwrite:
-            raise ValueError(f"out_dir {out} holds a run already: resume it with --resume=True, choose another "
-                             "--out_dir, or pass --overwrite=True to delete it")
+            raise ValueError(f"out_dir {out} holds a run already: resume it with --resume=True, "
+                             "choose another --out_dir, or pass --overwrite=True to delete it")
         if master:
-            for f in [*RUN_FILES, *(p.name for p in out.glob("eval_*.json")), "tokenizer.json", "tokenizer.model",
-                      "tokenizer_config.json", "chat_template.jinja"]:
+            evals = [p.name for p in out.glob("eval_*.json")]
+            for f in [*RUN_FILES, *evals, *TOKENIZER_FILES]:
                 (out / f).unlink(missing_ok=True)
     return None

@@ -1,8 +1,9 @@
-"""Tokenizer files on tiktoken: byte-level BPE (tokenizer.json), SentencePiece BPE with byte fallback
-(tokenizer.model, or its tokenizer.json), Meta's Llama 3 tokenizer.model, and a built-in byte tokenizer.
+"""Tokenizer files on tiktoken: byte-level BPE (tokenizer.json), SentencePiece BPE with byte
+fallback (tokenizer.model, or its tokenizer.json), Meta's Llama 3 tokenizer.model, and a built-in
+byte tokenizer.
 
-data.py writes prompts with these tokenizers; model.py never sees text. The chat formats live here because a
-tokenizer's special tokens reveal which one a checkpoint speaks.
+data.py writes prompts with these tokenizers; model.py never sees text. The chat formats live here
+because a tokenizer's special tokens reveal which one a checkpoint speaks.
 """
 import base64
 import json
@@ -11,53 +12,78 @@ import struct
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import tiktoken
 
-# chat format -> (special token that reveals it, its end-of-turn token, one user turn then the assistant's header).
-# Llama 2's [INST] is text (the chat template reveals it); text between special tokens gets SentencePiece's "▁".
+# chat format -> (special token that reveals it, its end-of-turn token, one user turn then the
+# assistant's header). Llama 2's [INST] is text (the chat template reveals it); text between
+# special tokens gets SentencePiece's "▁".
 CHAT_FORMATS = {
-    "llama3": ("<|start_header_id|>", "<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+    "llama3": ("<|start_header_id|>", "<|eot_id|>",
+               "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "chatml": ("<|im_start|>", "<|im_end|>", "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"),
+    "chatml": ("<|im_start|>", "<|im_end|>",
+               "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"),
     "mistral": ("[INST]", "</s>", "[INST]{content}[/INST]"),
-    "llama2": (None, "</s>", "[INST] {content} [/INST]"),  # <<SYS>> would hold a system prompt: ours have none
+    "llama2": (None, "</s>", "[INST] {content} [/INST]"),  # no <<SYS>>: we have no system prompt
 }
-CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CHATML_TEMPLATE = ("{% for m in messages %}"
+                   "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 END_OF_TEXT = ("<|end_of_text|>", "<|endoftext|>", "<|eos|>", "<|eom_id|>", "</s>")
-SUPPORTED = ("supported: a byte-level BPE tokenizer.json (optionally NFC), SentencePiece BPE with byte fallback "
-             "(tokenizer.model, or its tokenizer.json of Llama 2 and Mistral) and Meta's Llama 3 tokenizer.model")
-SP_NORMALIZER = {"type": "Sequence", "normalizers": [  # a dummy prefix, spaces as "▁": SentencePiece's own
-    {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+SUPPORTED = ("supported: a byte-level BPE tokenizer.json (optionally NFC), SentencePiece BPE with "
+             "byte fallback (tokenizer.model, or its tokenizer.json of Llama 2 and Mistral) and "
+             "Meta's Llama 3 tokenizer.model")
+# a dummy prefix, spaces as "▁": SentencePiece's own
+SP_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "Prepend", "prepend": "▁"},
+    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_SPECIALS = [  # ids 128000.., Llama 3.1 names, 256 in all
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 248))]
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    *(f"<|reserved_special_token_{i}|>" for i in range(3, 248))]
+# the first UTF-8 lead byte of each length -> (bits after the lead byte, its least code point)
+UTF8_LEADS = {0x00: (0, 0), 0xC0: (6, 0x80), 0xE0: (12, 0x800), 0xF0: (18, 0x10000)}
+
+
+class Parts(NamedTuple):
+    """What Tokenizer._build needs from a tokenizer file."""
+    ranks: dict  # token bytes -> tiktoken rank
+    special: dict  # special token text -> id
+    pattern: str  # tiktoken's split pattern
+    bos_name: str | None
+    nfc: bool = False
+    sp: tuple | None = None  # SentencePiece: (the ids each rank stands for, the bytes of each id)
 
 
 def _byte_chars():
-    """GPT-2's byte -> printable character map, in which byte-level BPE vocabularies are written."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's byte -> printable character map, in which byte-level BPE vocabs are written."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     rest = [b for b in range(256) if b not in printable]
-    return {b: chr(c) for b, c in zip(printable + rest, printable + [256 + i for i in range(len(rest))])}
+    stand_ins = [256 + i for i in range(len(rest))]
+    return {b: chr(c) for b, c in zip(printable + rest, printable + stand_ins)}
 
 
 def _unencodable(ranks, where):
-    """A pattern for the characters holding a byte the vocabulary lacks (tiktoken would panic on them). tokenizers
-    drops such a byte; we drop the character: the same for ASCII, and otherwise only unassigned code points differ."""
+    """A pattern for the characters holding a byte the vocabulary lacks (tiktoken would panic on
+    them). tokenizers drops such a byte; we drop the character: the same for ASCII, and otherwise
+    only unassigned code points differ."""
     spans = []
-    for b in (b for b in range(256) if bytes([b]) not in ranks):
+    for b in [b for b in range(256) if bytes([b]) not in ranks]:
         if 0x80 <= b < 0xC0:
             raise ValueError(f"{where}: the vocabulary lacks the byte {b:#x}; {SUPPORTED}")
         if b < 0x80 or 0xC2 <= b <= 0xF4:  # C0, C1 and F5-FF never occur in UTF-8
-            # lead byte -> the code points it starts: 1, 2, 3 or 4 UTF-8 bytes
-            shift, low, first = (0, b, 0) if b < 0x80 else (6, b - 0xC0, 0x80) if b < 0xE0 else (
-                (12, b - 0xE0, 0x800) if b < 0xF0 else (18, b - 0xF0, 0x10000))
-            lo, hi = max(low << shift, first), min(((low + 1) << shift) - 1, 0x10FFFF)
+            start = max(s for s in UTF8_LEADS if s <= b)
+            shift, least = UTF8_LEADS[start]
+            lo = max((b - start) << shift, least)
+            hi = min(((b - start + 1) << shift) - 1, 0x10FFFF)
             spans.append(f"{re.escape(chr(lo))}-{re.escape(chr(hi))}")
     return re.compile(f"[{''.join(spans)}]") if spans else None
 
@@ -65,105 +91,186 @@ def _unencodable(ranks, where):
 def _parse(file, data, parse):
     try:
         return parse(data)
-    except (ValueError, LookupError, struct.error) as e:  # bad JSON, base64 or protobuf, a malformed line, truncation
+    # bad JSON, base64 or protobuf, a malformed line, truncation
+    except (ValueError, LookupError, struct.error) as e:
         raise ValueError(f"{file}: cannot read it ({e}); {SUPPORTED}") from None
 
 
 def _meta_ranks(data):
     """Meta's tokenizer.model: one "base64(token bytes) rank" per line."""
-    return {base64.b64decode(token, validate=True): int(rank) for token, rank in map(bytes.split, data.splitlines())}
+    lines = map(bytes.split, data.splitlines())
+    return {base64.b64decode(token, validate=True): int(rank) for token, rank in lines}
 
 
 def _varint(buf, i):
-    n = shift = 0
+    n = 0
+    shift = 0
     while buf[i] & 0x80:
-        n, i, shift = n | (buf[i] & 0x7F) << shift, i + 1, shift + 7
-    return n | buf[i] << shift, i + 1
+        n |= (buf[i] & 0x7F) << shift
+        i += 1
+        shift += 7
+    return n | (buf[i] << shift), i + 1
+
+
+def _field(buf, kind, i):
+    """The value of wire type kind at buf[i] and the index after it: 0 a varint, 2 a length and as
+    many bytes, 1 and 5 eight and four bytes (5 read as a float)."""
+    if kind == 0:
+        return _varint(buf, i)
+    if kind == 2:
+        size, i = _varint(buf, i)
+    else:
+        size = {1: 8, 5: 4}[kind]  # KeyError for the other wire types: an unreadable file
+    value = buf[i:i + size]
+    if kind == 5:
+        value = struct.unpack("<f", value)[0]
+    return value, i + size
 
 
 def _proto(buf):
-    """{field: [values]} of a protobuf message: varints as ints, 32-bit fields as floats, the others as bytes."""
-    fields, i = {}, 0
+    """{field: [values]} of a protobuf: varints as ints, 32-bit as floats, the others as bytes."""
+    fields = {}
+    i = 0
     while i < len(buf):
         key, i = _varint(buf, i)
-        kind = key & 7  # the wire type: 0 a varint, 1 and 5 eight and four bytes, 2 a length and as many bytes
-        size, i = _varint(buf, i) if kind == 2 else ({0: 0, 1: 8, 5: 4}[kind], i)
-        value, i = _varint(buf, i) if kind == 0 else (buf[i:i + size], i + size)
-        fields.setdefault(key >> 3, []).append(struct.unpack("<f", value)[0] if kind == 5 else value)
+        value, i = _field(buf, key & 7, i)
+        fields.setdefault(key >> 3, []).append(value)
     if i > len(buf):
         raise ValueError("truncated")
     return fields
 
 
 def _sp_model(data):
-    """{id: (text, score, type)}, trainer spec and normalizer spec of a SentencePiece model (a protobuf)."""
+    """{id: (text, score, type)}, trainer spec and normalizer spec of a SentencePiece model."""
     model = _proto(data)
-    pieces = {i: (p.get(1, [b""])[0].decode(), *p.get(2, [0.0]), *p.get(3, [1]))
-              for i, p in enumerate(map(_proto, model.get(1, [])))}
-    return pieces, *(_proto(model.get(n, [b""])[0]) for n in (2, 3))
+    pieces = {}
+    for i, piece in enumerate(map(_proto, model.get(1, []))):
+        pieces[i] = (piece.get(1, [b""])[0].decode(), *piece.get(2, [0.0]), *piece.get(3, [1]))
+    trainer = _proto(model.get(2, [b""])[0])
+    normalizer = _proto(model.get(3, [b""])[0])
+    return pieces, trainer, normalizer
+
+
+def _check_sp_model(path, pieces, trainer, norm):
+    """Refuse a SentencePiece model that _sp_parts would misread (sentencepiece_model.proto)."""
+    checks = {  # field: (value read, value required); a repeated field never matches a list
+        "trainer_spec.model_type": (trainer.get(3, [1]), [2]),  # BPE
+        "trainer_spec.byte_fallback": (trainer.get(35, [0]), [1]),
+        "trainer_spec.treat_whitespace_as_suffix": (trainer.get(24, [0]), [0]),
+        "normalizer_spec.precompiled_charsmap": (norm.get(2, [b""]), [b""]),
+        "normalizer_spec.add_dummy_prefix": (norm.get(3, [1])[0], 1),
+        "normalizer_spec.remove_extra_whitespaces": (norm.get(4, [1])[0], 0),
+        "normalizer_spec.escape_whitespaces": (norm.get(5, [1])[0], 1),
+        # piece types 4 user-defined, 5 unused
+        "pieces.type": (any(kind in (4, 5) for _, _, kind in pieces.values()), False),
+    }
+    wrong = [name for name, (read, required) in checks.items() if read != required]
+    if wrong:
+        raise ValueError(
+            f"{path}: a SentencePiece model, but not BPE with byte fallback, no normalization, "
+            f"a dummy prefix, whitespace kept and no user-defined pieces ({', '.join(wrong)}); "
+            f"{SUPPORTED}")
+
+
+def _piece_bytes(piece, kind):
+    """The bytes a SentencePiece piece decodes to: none for unknown and control pieces."""
+    if kind == 1:
+        return piece.replace("▁", " ").encode()
+    if kind == 6:
+        return bytes([int(piece[3:5], 16)])
+    return b""
 
 
 def _sp_parts(pieces, bos_name, where):
-    """(ranks, special tokens, split pattern, BOS name, NFC, (ids of each rank, bytes of each id)) of SentencePiece BPE:
-    pieces {id: (text, score, type)}, type 1 normal, 2 unknown, 3 control, 6 byte. SentencePiece merges the pair whose
-    piece scores highest, tiktoken the pair whose bytes rank lowest: rank the characters' UTF-8 prefixes first, then the
-    longer pieces by falling score (ties by id). A rank that is no piece stands for its byte tokens (byte fallback)."""
+    """The Parts of SentencePiece BPE: pieces {id: (text, score, type)}, type 1 normal, 2 unknown,
+    3 control, 6 byte. SentencePiece merges the pair whose piece scores highest, tiktoken the pair
+    whose bytes rank lowest: rank the characters' UTF-8 prefixes first, then the longer pieces by
+    falling score (ties by id). A rank that is no piece stands for its byte tokens (byte
+    fallback)."""
     ids = {p.encode(): i for i, (p, _, kind) in pieces.items() if kind == 1}
     byte_ids = {int(p[3:5], 16): i for i, (p, _, kind) in pieces.items() if kind == 6}
     if sorted(byte_ids) != list(range(256)):
-        raise ValueError(f"{where}: SentencePiece without the 256 byte fallback tokens <0x00>..<0xFF>; {SUPPORTED}")
-    chars = {bytes([b]) for b in range(256)} | {c.encode()[:k] for p in ids for c in p.decode() for k in range(2, 5)}
-    longer = sorted((p for p in ids if len(p.decode()) > 1), key=lambda p: (-pieces[ids[p]][1], ids[p]))
+        raise ValueError(f"{where}: SentencePiece without the 256 byte fallback tokens "
+                         f"<0x00>..<0xFF>; {SUPPORTED}")
+    prefixes = {c.encode()[:k] for p in ids for c in p.decode() for k in range(2, 5)}
+    chars = {bytes([b]) for b in range(256)} | prefixes
+    longer = [p for p in ids if len(p.decode()) > 1]
+    longer.sort(key=lambda p: (-pieces[ids[p]][1], ids[p]))
     order = sorted(chars) + longer
     table = [[ids[b]] if b in ids else [byte_ids[x] for x in b] for b in order]
-    text = {i: p.replace("▁", " ").encode() if kind == 1 else bytes([int(p[3:5], 16)]) if kind == 6 else b""
-            for i, (p, _, kind) in pieces.items()}
-    return ({b: r for r, b in enumerate(order)}, {p: i for i, (p, _, kind) in pieces.items() if kind in (2, 3)},
-            r"[\s\S]+", bos_name, False, (table, text))  # no pre-tokenizer: the whole text is one piece
+    text = {i: _piece_bytes(p, kind) for i, (p, _, kind) in pieces.items()}
+    ranks = {b: r for r, b in enumerate(order)}
+    special = {p: i for i, (p, _, kind) in pieces.items() if kind in (2, 3)}
+    # no pre-tokenizer: the whole text is one piece
+    return Parts(ranks, special, r"[\s\S]+", bos_name, False, (table, text))
 
 
 def _hf_parts(spec, where):
-    """The parts (as _sp_parts) of a byte-level or a SentencePiece BPE tokenizer.json, else ValueError."""
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    post = spec.get("post_processor") or {}  # BOS: a TemplateProcessing that puts a special token first
-    firsts = [p["single"][0] for p in post.get("processors", [post]) if p.get("type") == "TemplateProcessing"]
+    """The Parts of a byte-level or a SentencePiece BPE tokenizer.json, else ValueError."""
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    post = spec.get("post_processor") or {}  # BOS: a TemplateProcessing with a special token first
+    processors = post.get("processors", [post])
+    firsts = [p["single"][0] for p in processors if p.get("type") == "TemplateProcessing"]
     bos = (firsts[0].get("SpecialToken") or {}).get("id") if firsts else None
     specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    # a merge is "a b" or ["a", "b"]
     merges = ["".join(m.split(" ") if isinstance(m, str) else m) for m in model.get("merges", [])]
-    if model.get("byte_fallback"):  # SentencePiece BPE in Hugging Face's form (Llama 2, Mistral v0.1)
-        if model.get("type") != "BPE" or spec.get("normalizer") != SP_NORMALIZER or pre:  # Metaspace: " a" != "▁▁a"
-            raise ValueError(f"{where}: byte fallback, but not SentencePiece's normalizer alone (Prepend and Replace "
-                             f"with '▁'); remove it to read the tokenizer.model beside it; {SUPPORTED}")
-        score = {m: -k for k, m in reversed(list(enumerate(merges)))}  # a piece ranks as its first merge
-        pieces = {i: (p, score.get(p, -len(merges)), 6 if re.fullmatch("<0x[0-9A-F]{2}>", p) else 1)
-                  for p, i in model["vocab"].items()}
-        return _sp_parts(pieces | {i: (p, 0.0, 3) for p, i in specials.items()}, bos, where)
+    if model.get("byte_fallback"):  # SentencePiece BPE, Hugging Face's form (Llama 2, Mistral v0.1)
+        is_bpe = model.get("type") == "BPE"
+        sp_normalizer = spec.get("normalizer") == SP_NORMALIZER
+        has_pre = bool(pre)  # Metaspace: " a" != "▁▁a"
+        if not is_bpe or not sp_normalizer or has_pre:
+            raise ValueError(
+                f"{where}: byte fallback, but not SentencePiece's normalizer alone (Prepend and "
+                f"Replace with '▁'); remove it to read the tokenizer.model beside it; "
+                f"{SUPPORTED}")
+        score = {m: -k for k, m in reversed(list(enumerate(merges)))}  # a piece's first merge
+        pieces = {}
+        for p, i in model["vocab"].items():
+            kind = 6 if re.fullmatch("<0x[0-9A-F]{2}>", p) else 1
+            pieces[i] = (p, score.get(p, -len(merges)), kind)
+        for p, i in specials.items():
+            pieces[i] = (p, 0.0, 3)
+        return _sp_parts(pieces, bos, where)
     steps = (pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]) or [{}]
-    split = steps[0] if len(steps) == 2 and steps[0].get("type") == "Split" else {}
-    byte_level = steps[-1] if steps[-1].get("type") == "ByteLevel" and len(steps) == (2 if split else 1) else {}
-    pattern = GPT2_SPLIT if not split else split.get("pattern", {}).get("Regex")
-    if (model.get("type") != "BPE" or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
-            or spec.get("normalizer") not in (None, {"type": "NFC"}) or not byte_level or not pattern
-            or byte_level.get("add_prefix_space") or byte_level.get("use_regex", True) == bool(split)  # one split
-            or split and (split.get("behavior") != "Isolated" or split.get("invert"))):
-        raise ValueError(f"{where}: not a byte-level BPE tokenizer ({model.get('type')}, pre-tokenizer "
-                         f"{pre.get('type')}); {SUPPORTED}")
+    split = {}
+    if len(steps) == 2 and steps[0].get("type") == "Split":
+        split = steps[0]
+    byte_level = {}
+    if steps[-1].get("type") == "ByteLevel" and len(steps) == (2 if split else 1):
+        byte_level = steps[-1]
+    pattern = split.get("pattern", {}).get("Regex") if split else GPT2_SPLIT
+    plain_bpe = (model.get("type") == "BPE"
+                 and not model.get("continuing_subword_prefix")
+                 and not model.get("end_of_word_suffix"))
+    normalizer_ok = spec.get("normalizer") in (None, {"type": "NFC"})
+    byte_level_ok = (bool(byte_level)
+                     and not byte_level.get("add_prefix_space")
+                     and byte_level.get("use_regex", True) != bool(split))  # one split, not two
+    split_ok = (not split) or (split.get("behavior") == "Isolated" and not split.get("invert"))
+    if not (plain_bpe and normalizer_ok and byte_level_ok and split_ok and pattern):
+        raise ValueError(f"{where}: not a byte-level BPE tokenizer ({model.get('type')}, "
+                         f"pre-tokenizer {pre.get('type')}); {SUPPORTED}")
     byte_of = {c: b for b, c in _byte_chars().items()}
     try:
-        ranks = {bytes(byte_of[c] for c in t): i for t, i in model["vocab"].items() if t not in specials}
+        vocab = model["vocab"].items()
+        ranks = {bytes(byte_of[c] for c in t): i for t, i in vocab if t not in specials}
         merged = [ranks[bytes(byte_of[c] for c in m)] for m in merges]
     except KeyError as e:
-        raise ValueError(f"{where}: vocab or merges hold {e} that is not a byte-level token; {SUPPORTED}") from None
-    # tiktoken merges by the rank of the merged token: the same as merges order only if that order follows the ids
+        raise ValueError(f"{where}: vocab or merges hold {e} that is not a byte-level token; "
+                         f"{SUPPORTED}") from None
+    # tiktoken merges by the merged token's rank: the merges order only if that follows the ids
     if any(b < a for a, b in zip(merged, merged[1:])):
         raise ValueError(f"{where}: the merges do not follow the vocab ids; {SUPPORTED}")
-    return ranks, specials, pattern, bos, spec.get("normalizer") is not None
+    return Parts(ranks, specials, pattern, bos, spec.get("normalizer") is not None)
 
 
 @dataclass
 class Tokenizer:
-    """tiktoken BPE + special tokens. encode() never parses special tokens: user text cannot inject a control token.
-    eos_id is the chat format's end-of-turn token when the vocabulary has one, else the end-of-text token."""
+    """tiktoken BPE + special tokens. encode() never parses special tokens: user text cannot inject
+    a control token. eos_id is the chat format's end-of-turn token when the vocabulary has one,
+    else the end-of-text token."""
     enc: tiktoken.Encoding
     n_vocab: int
     special: dict  # special token text -> id
@@ -178,77 +285,103 @@ class Tokenizer:
     sp: tuple | None  # SentencePiece: (the ids each tiktoken rank stands for, the bytes of each id)
 
     @classmethod
-    def _build(cls, name, eos_name, template, files, ranks, special, pattern, bos_name, nfc=False, sp=None):
+    def _build(cls, name, eos_name, template, files, parts):
+        special = parts.special
         chat = next((c for c, (mark, _, _) in CHAT_FORMATS.items() if mark in special), None)
-        if chat is None and ("[INST]" in template or sp and not template):  # Llama 2's, also for Meta's layout
+        # Llama 2's [INST] is text: its chat template shows it, as does Meta's layout (no template)
+        llama2 = ("[INST]" in template) or (bool(parts.sp) and not template)
+        if chat is None and llama2:
             chat = "llama2"
-        ends = [n for n in (chat and CHAT_FORMATS[chat][1], eos_name, *END_OF_TEXT) if n in special]
-        if not ends or bos_name is not None and bos_name not in special:
-            raise ValueError(f"{name}: no end-of-text token or an unknown BOS token {bos_name!r}")
-        enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={} if sp else special)
-        return cls(enc, max(sp[1]) + 1 if sp else enc.n_vocab, special, special.get(bos_name), special[ends[0]],
-                   sorted({special[n] for n in ends}), chat, bool(template), files, _unencodable(ranks, name), nfc, sp)
+        end_of_turn = CHAT_FORMATS[chat][1] if chat else None
+        ends = [n for n in (end_of_turn, eos_name, *END_OF_TEXT) if n in special]
+        unknown_bos = (parts.bos_name is not None) and (parts.bos_name not in special)
+        if not ends or unknown_bos:
+            raise ValueError(
+                f"{name}: no end-of-text token or an unknown BOS token {parts.bos_name!r}")
+        # SentencePiece's ranks are not its ids: its special tokens stay out of tiktoken
+        tiktoken_special = {} if parts.sp else special
+        enc = tiktoken.Encoding(name, pat_str=parts.pattern, mergeable_ranks=parts.ranks,
+                                special_tokens=tiktoken_special)
+        n_vocab = max(parts.sp[1]) + 1 if parts.sp else enc.n_vocab
+        stop_ids = sorted({special[n] for n in ends})
+        drop = _unencodable(parts.ranks, name)
+        return cls(enc, n_vocab, special, special.get(parts.bos_name), special[ends[0]], stop_ids,
+                   chat, bool(template), files, drop, parts.nfc, parts.sp)
 
     @classmethod
     def from_pretrained(cls, path):
         path = Path(path)
         if path.is_dir():
-            # a SentencePiece tokenizer.model first: its tokenizer.json may be the Metaspace form that we refuse
-            found = [path / n for n in ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
-                     if (path / n).is_file()]
+            # tokenizer.model first: its tokenizer.json may be the Metaspace form that we refuse
+            names = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
+            found = [path / n for n in names if (path / n).is_file()]
             if not found:
-                raise FileNotFoundError(f"{path}: no tokenizer.model, tokenizer.json or original/tokenizer.model; "
-                                        f"{SUPPORTED}")
+                raise FileNotFoundError(f"{path}: no tokenizer.model, tokenizer.json or "
+                                        f"original/tokenizer.model; {SUPPORTED}")
             path = found[0]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such tokenizer file; {SUPPORTED}")
-        data, here = path.read_bytes(), path.parent
-        extra = {n: (here / n).read_bytes() for n in ("tokenizer_config.json", "chat_template.jinja")
-                 if (here / n).is_file()}
-        config = _parse(here / "tokenizer_config.json", extra.get("tokenizer_config.json", b"{}"), json.loads)
+        data = path.read_bytes()
+        here = path.parent
+        beside = ("tokenizer_config.json", "chat_template.jinja")
+        extra = {n: (here / n).read_bytes() for n in beside if (here / n).is_file()}
+        config_data = extra.get("tokenizer_config.json", b"{}")
+        config = _parse(here / "tokenizer_config.json", config_data, json.loads)
         eos = config.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
-        template = str(config.get("chat_template") or extra.get("chat_template.jinja", b"").decode())
-        files = {"tokenizer.json" if path.suffix == ".json" else "tokenizer.model": data, **extra}
+        jinja = extra.get("chat_template.jinja", b"")
+        template = str(config.get("chat_template") or jinja.decode())
         if path.suffix == ".json":
-            return cls._build(str(path), eos, template, files, *_hf_parts(_parse(path, data, json.loads), path))
-        if data[:1] == b"\n":  # a protobuf's field 1: SentencePiece's pieces (Llama 3's file is base64 text)
+            files = {"tokenizer.json": data, **extra}
+            parts = _hf_parts(_parse(path, data, json.loads), path)
+            return cls._build(str(path), eos, template, files, parts)
+        files = {"tokenizer.model": data, **extra}
+        # a protobuf's field 1: SentencePiece's pieces (Llama 3's file is base64 text)
+        if data[:1] == b"\n":
             pieces, trainer, norm = _parse(path, data, _sp_model)
-            found = [*trainer.get(3, [1]), *trainer.get(35, [0]), *trainer.get(24, [0]), *norm.get(2, [b""]),
-                     *(norm.get(n, [1])[0] for n in (3, 4, 5)), any(kind in (4, 5) for _, _, kind in pieces.values())]
-            if found != [2, 1, 0, b"", 1, 0, 1, False]:  # fields of sentencepiece_model.proto, in the message's order
-                raise ValueError(f"{path}: a SentencePiece model, but not BPE with byte fallback, no normalization, "
-                                 f"a dummy prefix, whitespace kept and no user-defined pieces; {SUPPORTED}")
-            bos = pieces.get(trainer.get(41, [1])[0], [None])[0]
-            return cls._build(str(path), eos, template, files, *_sp_parts(pieces, bos, path))
+            _check_sp_model(path, pieces, trainer, norm)
+            bos = pieces.get(trainer.get(41, [1])[0], [None])[0]  # trainer_spec.bos_id
+            return cls._build(str(path), eos, template, files, _sp_parts(pieces, bos, path))
         ranks = _parse(path, data, _meta_ranks)
         special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
-        return cls._build(str(path), eos, template, files, ranks, special, LLAMA3_SPLIT, "<|begin_of_text|>")
+        parts = Parts(ranks, special, LLAMA3_SPLIT, "<|begin_of_text|>")
+        return cls._build(str(path), eos, template, files, parts)
 
     @classmethod
     def byte_level(cls):
-        """Ids 0..255 are the bytes, then <|bos|> 256, <|eos|> 257, <|im_start|> 258, <|im_end|> 259: a byte-level BPE
-        with no merges (tokenizer.json), and ChatML, whose short prompts keep the built-in task cheap on a CPU."""
+        """Ids 0..255 are the bytes, then <|bos|> 256, <|eos|> 257, <|im_start|> 258, <|im_end|>
+        259: a byte-level BPE with no merges (tokenizer.json), and ChatML, whose short prompts keep
+        the built-in task cheap on a CPU."""
         names = ("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
-        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-        spec = {"added_tokens": [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                                  "normalized": False, "special": True} for i, t in enumerate(names)],
-                "pre_tokenizer": byte_level, "decoder": byte_level,
-                "post_processor": {"type": "TemplateProcessing", "pair": [], "single": [
-                    {"SpecialToken": {"id": names[0], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                    "special_tokens": {names[0]: {"id": names[0], "ids": [256], "tokens": [names[0]]}}},
-                "model": {"type": "BPE", "vocab": {c: b for b, c in _byte_chars().items()}, "merges": []}}
+        byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                      "use_regex": True}
+        added = [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False,
+                  "rstrip": False, "normalized": False, "special": True}
+                 for i, t in enumerate(names)]
+        bos_first = {"type": "TemplateProcessing", "pair": [], "single": [
+            {"SpecialToken": {"id": names[0], "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}}],
+            "special_tokens": {names[0]: {"id": names[0], "ids": [256], "tokens": [names[0]]}}}
+        vocab = {c: b for b, c in _byte_chars().items()}
+        spec = {"added_tokens": added, "pre_tokenizer": byte_level, "decoder": byte_level,
+                "post_processor": bos_first,
+                "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+        config = {"bos_token": names[0], "eos_token": names[3], "chat_template": CHATML_TEMPLATE}
         files = {"tokenizer.json": json.dumps(spec, ensure_ascii=False).encode(),
-                 "tokenizer_config.json": json.dumps({"bos_token": names[0], "eos_token": names[3],
-                                                      "chat_template": CHATML_TEMPLATE}).encode()}
-        return cls._build("byte_level", names[3], CHATML_TEMPLATE, files, *_hf_parts(spec, "byte_level"))
+                 "tokenizer_config.json": json.dumps(config).encode()}
+        parts = _hf_parts(spec, "byte_level")
+        return cls._build("byte_level", names[3], CHATML_TEMPLATE, files, parts)
 
     def encode(self, text):
-        text = unicodedata.normalize("NFC", text) if self.nfc else text
-        if self.sp:  # SentencePiece: a dummy prefix, spaces as "▁", then the ids each rank stands for
-            ranks = self.enc.encode_ordinary("▁" + text.replace(" ", "▁") if text else "")
+        if self.nfc:
+            text = unicodedata.normalize("NFC", text)
+        if self.sp:  # SentencePiece: a dummy prefix, spaces as "▁", then the ids of each rank
+            spaced = ("▁" + text.replace(" ", "▁")) if text else ""
+            ranks = self.enc.encode_ordinary(spaced)
             return [i for r in ranks for i in self.sp[0][r]]
-        return self.enc.encode_ordinary(self.drop.sub("", text) if self.drop else text)
+        if self.drop:
+            text = self.drop.sub("", text)
+        return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
         if self.sp:  # the bytes of each id, less SentencePiece's dummy prefix

@@ -1,5 +1,6 @@
-"""Triple files: the CUT authors' release, Shepherd's critiques and plain records, JSON or JSONL, read into
-Triples with one clear message per bad file, record or field. data.py turns Triples into ids.
+"""Triple files: the CUT authors' release, Shepherd's critiques and plain records, JSON or JSONL,
+read into Triples with one clear message per bad file, record or field. data.py turns Triples into
+ids.
 """
 import hashlib
 import json
@@ -16,6 +17,20 @@ class Triple:
     judgment: str | None  # None: the response is acceptable
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _acceptable(judgment, score):
+    """The authors' release marks an acceptable response by no judgment, a judgment that starts with
+    "Perfect", or a score of 7 or more."""
+    if not judgment:
+        return True
+    if judgment.startswith("Perfect"):
+        return True
+    return score is not None and score >= 7
+
+
 def _triple(rec, where: str) -> Triple | None:
     """One record of any supported format as a Triple; None for a failed judge call ($ERROR$)."""
     if not isinstance(rec, dict):
@@ -25,37 +40,53 @@ def _triple(rec, where: str) -> Triple | None:
         if name not in rec:
             raise ValueError(f"{where}: missing field '{name}'")
         value = rec[name]
-        if not (isinstance(value, str) or (nullable and value is None)):
-            raise ValueError(f"{where}: field '{name}' must be a string{' or null' if nullable else ''}, "
-                             f"got {type(value).__name__}")
-        return value
+        if isinstance(value, str):
+            return value
+        if nullable and value is None:
+            return value
+        or_null = " or null" if nullable else ""
+        raise ValueError(f"{where}: field '{name}' must be a string{or_null}, "
+                         f"got {type(value).__name__}")
 
     if "question" in rec:  # Shepherd: every answer is flawed, the feedback says why
         if not field("feedback").strip():
-            raise ValueError(f"{where}: field 'feedback' is empty (a Shepherd answer needs its critique)")
-        return None if rec["feedback"] == FAILED_JUDGE else Triple(field("question"), field("answer"), rec["feedback"])
+            raise ValueError(f"{where}: field 'feedback' is empty "
+                             "(a Shepherd answer needs its critique)")
+        if rec["feedback"] == FAILED_JUDGE:
+            return None
+        return Triple(field("question"), field("answer"), rec["feedback"])
     if "output" in rec:  # the CUT authors' release (Alpaca style)
-        instruction, response, judgment = field("instruction"), field("output"), field("judgment", nullable=True)
+        instruction = field("instruction")
+        response = field("output")
+        judgment = field("judgment", nullable=True)
         extra = field("input", nullable=True) if "input" in rec else None
         score = rec.get("score")
-        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-            raise ValueError(f"{where}: field 'score' must be a number or null, got {type(score).__name__}")
+        if score is not None and not _is_number(score):
+            raise ValueError(f"{where}: field 'score' must be a number or null, "
+                             f"got {type(score).__name__}")
         if judgment == FAILED_JUDGE:
             return None
-        if not judgment or judgment.startswith("Perfect") or (score is not None and score >= 7):
+        if _acceptable(judgment, score):
             judgment = None
-        return Triple(instruction + "\n" + extra if extra else instruction, response, judgment)
+        if extra:
+            instruction = instruction + "\n" + extra
+        return Triple(instruction, response, judgment)
     if "response" in rec:
         judgment = field("judgment", nullable=True) or None
-        return None if judgment == FAILED_JUDGE else Triple(field("instruction"), field("response"), judgment)
-    raise ValueError(f"{where}: unknown record, expected the fields instruction/input/output/judgment, "
-                     f"question/answer/feedback or instruction/response/judgment; got {sorted(rec)}")
+        if judgment == FAILED_JUDGE:
+            return None
+        return Triple(field("instruction"), field("response"), judgment)
+    raise ValueError(f"{where}: unknown record, expected the fields "
+                     "instruction/input/output/judgment, question/answer/feedback or "
+                     f"instruction/response/judgment; got {sorted(rec)}")
 
 
 def data_hash(data):
-    """sha256 of a triples file's bytes ('builtin' for the built-in task): a resumed run, or an evaluation, checks
-    that it reads the run's own data."""
-    return "builtin" if data == "builtin" else hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    """sha256 of a triples file's bytes ('builtin' for the built-in task): a resumed run, or an
+    evaluation, checks that it reads the run's own data."""
+    if data == "builtin":
+        return "builtin"
+    return hashlib.sha256(Path(data).read_bytes()).hexdigest()
 
 
 def read_text(path):
@@ -67,7 +98,8 @@ def read_text(path):
 
 
 def load_triples(path, verbose=True) -> list[Triple]:
-    """Triples from a JSON list or a JSONL file of the authors' release, Shepherd's, or plain records."""
+    """Triples from a JSON list or a JSONL file of the authors' release, Shepherd's, or plain
+    records."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such triples file")
@@ -79,7 +111,8 @@ def load_triples(path, verbose=True) -> list[Triple]:
             raise ValueError(f"{path}: not a valid JSON list ({e})") from None
         records = None  # JSONL, a record per line, is not one JSON value
     if isinstance(records, dict) and "\n" in text.strip():
-        raise ValueError(f"{path}: one JSON object; expected a list of records, or JSONL (a record per line)")
+        raise ValueError(f"{path}: one JSON object; expected a list of records, "
+                         "or JSONL (a record per line)")
     if isinstance(records, list):
         located = [(rec, f"{path}: record {i}") for i, rec in enumerate(records)]
     else:
@@ -94,8 +127,10 @@ def load_triples(path, verbose=True) -> list[Triple]:
     triples = [t for t in parsed if t is not None]
     if not triples:
         raise ValueError(f"{path}: no usable triples in {len(located)} records")
-    n_err, n_flawed = len(parsed) - len(triples), sum(t.judgment is not None for t in triples)
+    n_err = len(parsed) - len(triples)
+    n_flawed = sum(t.judgment is not None for t in triples)
     if verbose:
-        print(f"{path.name}: loaded {len(triples)} triples ({len(triples) - n_flawed} acceptable, {n_flawed} flawed), "
+        print(f"{path.name}: loaded {len(triples)} triples "
+              f"({len(triples) - n_flawed} acceptable, {n_flawed} flawed), "
               f"dropped {n_err} with a failed judge call ({FAILED_JUDGE})")
     return triples

@@ -1,10 +1,10 @@
 """The built-in judgment task: sorting letters, its data, its judge and the tally of its answers.
 
-"Sort these letters: h, d, j, a" -> "a, d, h, j". Flawed responses carry one systematic mistake (the second and
-third letters swapped) or, more rarely, a letter left out; check_response judges any answer and names the
-positions of its wrong tokens, so that eval.py can measure CUT's token detection against the truth. Text is
-ASCII, so with the byte-level tokenizer a char offset in a response is its token position. docs/cut.md says
-why the task is built so.
+"Sort these letters: h, d, j, a" -> "a, d, h, j". Flawed responses carry one systematic mistake (the
+second and third letters swapped) or, more rarely, a letter left out; check_response judges any
+answer and names the positions of its wrong tokens, so that eval.py can measure CUT's token
+detection against the truth. Text is ASCII, so with the byte-level tokenizer a char offset in a
+response is its token position. docs/cut.md says why the task is built so.
 """
 import random
 import re
@@ -14,39 +14,54 @@ from typing import NamedTuple
 from data import JUDGMENT_HEADER, Triple
 
 TASK_INSTRUCTIONS = ("Sort these letters: {}", "Alphabetize: {}", "Put in alphabetical order: {}",
-                     "Please sort {} alphabetically.", "Order these letters: {}", "Can you sort {}?")
-TASK_RESPONSES = ("{}", "{}.", "Sorted: {}.", "In alphabetical order: {}", "Here they are in order: {}.",
-                  "The sorted letters are {}.")
-# words that no judgment speaks about: on them p(y_t | x, j-) stays near p(y_t | x) < 1, as in real responses
-TASK_REMARKS = ("", "", " Hope this helps!", " Done.", " Let me know if you need anything else.", " Happy to help.")
-# the all-flawed regime's new format, which the base never writes: a line before the list and a line after it
-NEW_OPENINGS = ("Sure! Here is the sorted list:", "Of course. In order:", "Here you go:", "Sorted, as requested:")
+                     "Please sort {} alphabetically.", "Order these letters: {}",
+                     "Can you sort {}?")
+TASK_RESPONSES = ("{}", "{}.", "Sorted: {}.", "In alphabetical order: {}",
+                  "Here they are in order: {}.", "The sorted letters are {}.")
+# words no judgment names: on them p(y_t | x, j-) stays near p(y_t | x) < 1, as in real responses
+TASK_REMARKS = ("", "", " Hope this helps!", " Done.", " Let me know if you need anything else.",
+                " Happy to help.")
+# the all-flawed regime's new format, never the base's: a line before the list and one after it
+NEW_OPENINGS = ("Sure! Here is the sorted list:", "Of course. In order:", "Here you go:",
+                "Sorted, as requested:")
 NEW_CLOSINGS = ("Hope this helps!", "All done.", "Let me know if you need more.", "Happy sorting!")
 NEW_FORMAT = re.compile(r"[^\n]+\n[a-z](?:, [a-z])*\n[^\n]+")
-# Judgments name the kind and place of the mistake, never the letters: naming them makes every token likelier.
+# Judgments name a mistake's kind and place, never its letters: those make every token likelier
 TASK_JUDGMENTS = {
-    "swap": ("The second and third letters are in the wrong order.", "Close, but the second and third are swapped.",
+    "swap": ("The second and third letters are in the wrong order.",
+             "Close, but the second and third are swapped.",
              "All in order but the second and third letters: they should trade places.",
              "Almost right; the second and third letters are the wrong way round.",
-             "The second and third letters need to be switched.", "Nearly sorted, but the second pair is reversed."),
-    "order": ("The order is wrong from the {} letter on.", "The sorting breaks down at the {} letter.",
-              "Not sorted: it goes wrong from the {} letter.", "The letters are out of order from the {} on."),
-    "missing": ("The {} letter is missing.", "One letter was left out: the {} one.",
+             "The second and third letters need to be switched.",
+             "Nearly sorted, but the second pair is reversed."),
+    "order": ("The order is wrong from the {} letter on.",
+              "The sorting breaks down at the {} letter.",
+              "Not sorted: it goes wrong from the {} letter.",
+              "The letters are out of order from the {} on."),
+    "missing": ("The {} letter is missing.",
+                "One letter was left out: the {} one.",
                 "Incomplete: the letter that belongs in the {} place is missing."),
-    "extra": ("It includes letters that do not belong.", "Some of these letters were never given."),
-    "garbage": ("This does not give the sorted letters at all.", "No list of letters can be found in this answer.")}
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
-LETTER_LIST = re.compile(r"\b[a-z](?: *, *[a-z]\b)+")  # single lowercase letters separated by commas
+    "extra": ("It includes letters that do not belong.",
+              "Some of these letters were never given."),
+    "garbage": ("This does not give the sorted letters at all.",
+                "No list of letters can be found in this answer.")}
+ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
+            "tenth")
+LETTER_LIST = re.compile(r"\b[a-z](?: *, *[a-z]\b)+")  # single lowercase letters, comma-separated
+# the split of a letter list by its hash (crc32 % 10): train 80%, val 10%, test 10%
+SPLITS = ("val", "test", *["train"] * 8)
 
 
 class Verdict(NamedTuple):
     kind: str  # 'ok', 'swap' (the systematic mistake), 'order', 'missing', 'extra' or 'garbage'
     judgment: str | None  # None when the response is acceptable
-    wrong: list[int]  # char offsets in the response of the wrong tokens; len(response) means the end of sequence
+    # char offsets in the response of the wrong tokens; len(response) means the end of sequence
+    wrong: list[int]
 
 
 def _letter_list(text):
-    """The first comma-separated letter list in text: (letters, their char offsets, the offset just past it)."""
+    """The first comma-separated letter list in text: (letters, their char offsets, the offset just
+    past it)."""
     m = LETTER_LIST.search(text)
     if m is None:
         return [], [], None
@@ -54,82 +69,128 @@ def _letter_list(text):
     return [k.group() for k in found], [m.start() + k.start() for k in found], m.end()
 
 
+def _ordinal(place):
+    """'first' for place 0, ..., then '11th', '12th'."""
+    if place < len(ORDINALS):
+        return ORDINALS[place]
+    return f"{place + 1}th"
+
+
 def check_response(instruction, response):
-    """Judge a response to a letter-sorting instruction: a Verdict with the kind, the judgment and the wrong tokens."""
+    """Judge a response to a letter-sorting instruction: a Verdict with the kind, the judgment and
+    the wrong tokens."""
     want, _, _ = _letter_list(instruction)
     if not want:
-        raise ValueError(f"check_response: no comma-separated letter list in the instruction {instruction!r}")
+        raise ValueError("check_response: no comma-separated letter list in the instruction "
+                         f"{instruction!r}")
     want = sorted(want)
     got, at, end = _letter_list(response)
     extra = [at[i] for i, c in enumerate(got) if got[:i + 1].count(c) > want.count(c)]
     missing = [k for k, c in enumerate(want) if want[:k + 1].count(c) > got.count(c)]
-    place = 0  # the ordinal of the place that the order and missing wordings name; the others have no slot for it
+    # the place that the order and missing wordings name; the others have no slot for it
+    place = 0
     if not got:
-        kind, wrong = "garbage", []
+        kind = "garbage"
+        wrong = []
     elif extra:
-        kind, wrong = "extra", extra
-    elif missing:  # the wrong token is the one written where the first missing letter belongs
-        kind, place = "missing", missing[0]
+        kind = "extra"
+        wrong = extra
+    elif missing:
+        kind = "missing"
+        place = missing[0]
+        # the wrong token is the one written where the first missing letter belongs
         wrong = [next((o for o, c in zip(at, got) if c > want[place]), end)]
     else:
         bad = [i for i in range(len(want)) if got[i] != want[i]]
         if not bad:
             return Verdict("ok", None, [])
-        kind, place, wrong = "swap" if bad == [1, 2] else "order", bad[0], [at[i] for i in bad]
+        kind = "swap" if bad == [1, 2] else "order"
+        place = bad[0]
+        wrong = [at[i] for i in bad]
     wordings = TASK_JUDGMENTS[kind]
-    # The wording is a fixed function of the response (crc32 is stable across runs, unlike hash()): re-checking a
-    # response always gives back the judgment it was generated with.
+    # The wording is a fixed function of the response (crc32 is stable across runs, unlike hash()):
+    # re-checking a response always gives back the judgment it was generated with.
     text = wordings[zlib.crc32(response.encode()) % len(wordings)]
-    return Verdict(kind, text.format(ORDINALS[place] if place < len(ORDINALS) else f"{place + 1}th"), wrong)
+    return Verdict(kind, text.format(_ordinal(place)), wrong)
+
+
+def _split_of(letters):
+    return SPLITS[zlib.crc32("".join(letters).encode()) % 10]
+
+
+def _swap_second_and_third(answer):
+    answer[1], answer[2] = answer[2], answer[1]
 
 
 def make_task(n, seed=0, kind="mixed", flawed_frac=0.25, split="train"):
     """n Triples of the built-in task, the same for the same arguments. kind is one of
-    'base':  the base model's data. Correct answers, except that the 5- and 6-letter lists are swapped a quarter
-             of the time (the base's systematic mistake), and a quarter of the examples put a judgment in the prompt of
-             the flawed answer it describes, so that the base reads judgments as a pretrained model does.
-    'mixed': fine-tuning data in the base's format, a flawed_frac share of it flawed, the longest lists first.
+    'base':  the base model's data. Correct answers, except that the 5- and 6-letter lists are
+             swapped a quarter of the time (the base's systematic mistake), and a quarter of the
+             examples put a judgment in the prompt of the flawed answer it describes, so that the
+             base reads judgments as a pretrained model does.
+    'mixed': fine-tuning data in the base's format, a flawed_frac share of it flawed, the longest
+             lists first.
     'new':   fine-tuning data in a format the base never writes (NEW_FORMAT), every response flawed.
-    A flaw is a letter left out (a fifth of them) or else the second and third letters swapped; check_response
-    writes the judgment. Letter lists are split by a hash into train (80%), val and test, which never share a list."""
-    rng, lists = random.Random(seed), []
+    A flaw is a letter left out (a fifth of them) or else the second and third letters swapped;
+    check_response writes the judgment. Letter lists are split by a hash into train (80%), val and
+    test, which never share a list."""
+    # The same arguments make the same rng calls in the same order: change none of them.
+    rng = random.Random(seed)
+    lists = []
     while len(lists) < n:
         letters = rng.sample("abcdefghij", rng.randint(3, 6))
-        if split == ("val", "test", *["train"] * 8)[zlib.crc32("".join(letters).encode()) % 10]:
+        if _split_of(letters) == split:
             lists.append(letters)
     triples = []
     for letters in lists:
         instruction = rng.choice(TASK_INSTRUCTIONS).format(", ".join(letters))
         answer = sorted(letters)
-        judged = kind == "base" and rng.random() < 0.25
-        # the mistakes come with the longer, harder lists, as a model's do: the 5- and 6-letter ones first
-        flawed = rng.random() < (2 * flawed_frac if len(letters) >= 5 else 2 * flawed_frac - 1)
-        if judged or kind == "new" or (kind == "mixed" and flawed):
+        judged = False
+        if kind == "base":
+            judged = rng.random() < 0.25
+        # the mistakes come with the longer, harder lists, as a model's do: 5 and 6 letters first
+        if len(letters) >= 5:
+            flawed_share = 2 * flawed_frac
+        else:
+            flawed_share = 2 * flawed_frac - 1
+        flawed = rng.random() < flawed_share
+        gets_flaw = judged or kind == "new"
+        if kind == "mixed" and flawed:
+            gets_flaw = True
+        if gets_flaw:
             if rng.random() < 0.2:
                 del answer[rng.randrange(len(answer))]
             else:
-                answer[1], answer[2] = answer[2], answer[1]
-        elif kind == "base" and len(letters) >= 5 and rng.random() < 0.25:
-            answer[1], answer[2] = answer[2], answer[1]
+                _swap_second_and_third(answer)
+        elif kind == "base" and len(letters) >= 5:
+            if rng.random() < 0.25:  # the base's systematic mistake
+                _swap_second_and_third(answer)
         if kind == "new":
-            response = f"{rng.choice(NEW_OPENINGS)}\n{', '.join(answer)}\n{rng.choice(NEW_CLOSINGS)}"
+            opening = rng.choice(NEW_OPENINGS)
+            closing = rng.choice(NEW_CLOSINGS)
+            response = f"{opening}\n{', '.join(answer)}\n{closing}"
         else:
-            response = rng.choice(TASK_RESPONSES).format(", ".join(answer)) + rng.choice(TASK_REMARKS)
+            response = rng.choice(TASK_RESPONSES).format(", ".join(answer))
+            response += rng.choice(TASK_REMARKS)
         judgment = check_response(instruction, response).judgment
         if judged:  # in the chat format this instruction is exactly the judged prompt [x, j-]
-            instruction, judgment = instruction + JUDGMENT_HEADER + judgment, None
+            instruction = instruction + JUDGMENT_HEADER + judgment
+            judgment = None
         triples.append(Triple(instruction, response, judgment))
     return triples
 
 
 def tally(instructions, responses):
-    """The shares of responses that are right, swapped, missing a letter, otherwise wrong, in the new format,
-    and right in the new format."""
+    """The shares of responses that are right, swapped, missing a letter, otherwise wrong, in the
+    new format, and right in the new format."""
     kinds = [check_response(i, r).kind for i, r in zip(instructions, responses)]
     new_format = [bool(NEW_FORMAT.fullmatch(r)) for r in responses]
     n = len(kinds)
-    result = {"accuracy": kinds.count("ok") / n, "swap": kinds.count("swap") / n,
-              "missing": kinds.count("missing") / n, "new_format": sum(new_format) / n,
-              "ok_new_format": sum(k == "ok" and f for k, f in zip(kinds, new_format)) / n}
+    ok_new_format = sum(k == "ok" and f for k, f in zip(kinds, new_format))
+    result = {"accuracy": kinds.count("ok") / n,
+              "swap": kinds.count("swap") / n,
+              "missing": kinds.count("missing") / n,
+              "new_format": sum(new_format) / n,
+              "ok_new_format": ok_new_format / n}
     result["other"] = 1 - result["accuracy"] - result["swap"] - result["missing"]
     return result

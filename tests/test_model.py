@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from model import ModelConfig, Transformer, add_lora, merged_state_dict, LoRALinear
+from model import ModelConfig, Transformer, add_lora, left_pad, merged_state_dict, LoRALinear
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
             vocab_size=101, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False)
@@ -66,6 +66,7 @@ def test_family_logits_generate_and_save_match_transformers(tmp_path, family, ov
     prompt = ids(T=7, B=1)  # with the KV cache, 37 tokens: past Mistral's window
     expected = ref.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, 30, temperature=0), expected)
+    assert_batched_generate_matches(ours, ref)
     add_lora(ours, 4, 8.0, ("q_proj", "v_proj", "up_proj"))  # B = 0: the same model, biases kept
     torch.testing.assert_close(ours(x), hf_logits(ref, x), atol=1e-4, rtol=0)
     ours.save_pretrained(tmp_path / "ours")
@@ -153,6 +154,41 @@ def test_save_pretrained_read_by_transformers(tmp_path):
     assert torch.equal(again(x), ours(x))
 
 
+def assert_batched_generate_matches(ours, ref, n_new=24):
+    """Prompts of very different lengths, left-padded into one batch: each row's greedy tokens equal
+    its own generation alone, and transformers' generate on the same padded batch."""
+    prompts = [ids(T=n, B=1, seed=n)[0].tolist() for n in (3, 25, 11)]
+    x, pad = left_pad(prompts)
+    batched = ours.generate(x, n_new, temperature=0, pad=pad)[:, x.shape[1]:]
+    for row, p in zip(batched, prompts):
+        assert torch.equal(row, ours.generate(torch.tensor([p]), n_new, temperature=0)[0, len(p):])
+    mask = (torch.arange(x.shape[1]) >= pad[:, None]).long()
+    # no end-of-sequence token: transformers would hold back id 2, the configs' default EOS
+    theirs = ref.generate(x, attention_mask=mask, max_new_tokens=n_new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    assert torch.equal(batched, theirs[:, x.shape[1]:])
+
+
+def test_batched_generate_stops_rows_and_samples_reproducibly():
+    """A row that stops leaves the batch; the others go on as they would alone. Seeded sampling is
+    reproducible."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    prompts = [ids(T=n, B=1, vocab=50, seed=n)[0].tolist() for n in (2, 9, 5, 14)]
+    alone = [m.generate(torch.tensor([p]), 10, temperature=0)[0, len(p):] for p in prompts]
+    stop = alone[0][2].item()  # row 0 stops at its third new token, the others whenever they meet it
+    x, pad = left_pad(prompts)
+    out = m.generate(x, 10, temperature=0, stop_ids=[stop], pad=pad)[:, x.shape[1]:]
+    for row, want in zip(out, alone):
+        hits = (want == stop).nonzero()
+        end = hits[0].item() + 1 if len(hits) else len(want)
+        assert torch.equal(row[:end], want[:end]) and (row[end:] == stop).all()
+    torch.manual_seed(3)
+    first = m.generate(x, 10, temperature=1.0, top_k=20, pad=pad)
+    torch.manual_seed(3)
+    assert torch.equal(m.generate(x, 10, temperature=1.0, top_k=20, pad=pad), first)
+
+
 def test_greedy_generate_matches_transformers():
     ref = hf_model()
     ours = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=256))
@@ -192,6 +228,7 @@ def test_real_smollm2_logits_and_generate(smollm2_dir):
     torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
     expected = ref.generate(x, max_new_tokens=16, do_sample=False, min_new_tokens=16)
     assert torch.equal(ours.generate(x, 16, temperature=0), expected)
+    assert_batched_generate_matches(ours, ref, n_new=12)
 
 
 def test_lora_trains_adapters_only_and_merges():
