@@ -4,6 +4,7 @@ Run from the repository root:
     CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench model [--parts decode,load,fwd_bwd]
         [--repeats 5] [--threads 1]
     CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench train --data=train-alpaca-sample-iter1.json
+    CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench generate --data=TRIPLES --threads=2
     python -m scripts.bench memory            python -m scripts.bench gpu [--dry]
 
 Not a test. The CPU may be shared, so ours and theirs alternate (who goes first swaps each round), each figure is
@@ -625,9 +626,148 @@ def bench_gpu(args):
         sys.exit("bench.py gpu: FAIL")
 
 
+# ----------------------------------------------------------------------------- generate: decode and batches
+
+def copy_bandwidth(mb=512, rounds=5):
+    """The machine's memory bandwidth in bytes/s: a copy of mb MB reads and writes it (STREAM's copy
+    counts both); the best of a few rounds."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best
+
+
+def varied_prompts(path, args, n):
+    """n varied instructions of a triples file (--data), as ids in the plain Alpaca template."""
+    from data import prompt_ids
+    from support.tokenizer import Tokenizer
+    from support.triple_files import load_triples
+    if not args.data:
+        sys.exit("bench.py generate: --data=FILE, a triples file whose instructions to generate for")
+    tok = Tokenizer.from_pretrained(path)
+    instructions = list(dict.fromkeys(t.instruction for t in load_triples(args.data, False)))[:n]
+    return tok, instructions, [prompt_ids(tok, i) for i in instructions]
+
+
+def hf_generate(hf, prompts, new_tokens, stop_ids, batch_size):
+    """transformers' greedy generate, left-padded batches sorted by length: the new ids per prompt."""
+    from model import left_pad
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [None] * len(prompts)
+    for k in range(0, len(order), batch_size):
+        rows = order[k:k + batch_size]
+        x, pad = left_pad([prompts[i] for i in rows])
+        mask = (torch.arange(x.shape[1]) >= pad[:, None]).long()
+        new = hf.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
+                          eos_token_id=stop_ids, pad_token_id=stop_ids[0])[:, x.shape[1]:]
+        for i, ids in zip(rows, new.tolist()):
+            out[i] = ids
+    return out
+
+
+def until_stop(ids, stop_ids):
+    return next((ids[:j] for j, t in enumerate(ids) if t in stop_ids), ids)
+
+
+def bench_generate(args, batch=32, new_tokens=64):
+    """Decode at batch 1 as a share of the bandwidth limit; a batch's prefill and generation against
+    transformers; eval.py --mode=alpaca as a whole program against transformers' generate alone."""
+    from model import left_pad
+    path = checkpoint_dir()
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + written, best of 5 copies of 512 MB)")
+    tok, instructions, prompts = varied_prompts(path, args, 3 * batch)
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype)[6:]
+        ours_model, hf = load_both(path, dtype)
+        ours_model.eval(), hf.eval()
+        weights = sum(p.numel() * p.element_size() for p in ours_model.parameters())
+        ceiling = bandwidth / weights  # a decode step reads every weight once
+        x = torch.tensor([prompts[0]])
+        timing = lambda f: (lambda: new_tokens / timed_s(f))
+        ours = timing(lambda: ours_model.generate(x, new_tokens, temperature=0))
+        theirs = timing(lambda: hf.generate(x, do_sample=False, max_new_tokens=new_tokens,
+                                            min_new_tokens=new_tokens, pad_token_id=0))
+        with torch.no_grad():
+            alternate(ours, theirs, 1)
+            a, b = alternate(ours, theirs, args.repeats)
+        print(f"  {name}: {weights / 1e6:.0f} MB of weights, ceiling {ceiling:.1f} tok/s; ours "
+              f"{statistics.median(a) / ceiling:.0%} of it, theirs {statistics.median(b) / ceiling:.0%}")
+        report(f"decode b1 tok/s {name}", a, b, "tok/s",
+               (">= 50% of the ceiling", lambda o, r, c=ceiling: o >= 0.5 * c))
+        if dtype != torch.float32:
+            continue
+        rows = prompts[:batch]
+        xb, pad = left_pad(rows)
+        mask = (torch.arange(xb.shape[1]) >= pad[:, None]).long()
+        ours = lambda: timed_s(lambda: ours_model.generate(xb, 1, temperature=0, pad=pad))
+        theirs = lambda: timed_s(lambda: hf.generate(xb, attention_mask=mask, do_sample=False,
+                                                     max_new_tokens=1, pad_token_id=0))
+        with torch.no_grad():
+            a, b = alternate(ours, theirs, args.repeats)
+        report(f"prefill s, {batch} prompts of {min(map(len, rows))}-{max(map(len, rows))}", a, b,
+               "s", ("<= 1.0x", lambda o, r: r <= 1.0), higher_is_better=False)
+        produced = {}
+
+        def throughput(side, generate):
+            seconds = timed_s(lambda: produced.__setitem__(side, generate()))
+            return sum(len(until_stop(ids, tok.stop_ids)) for ids in produced[side]) / seconds
+        ours = lambda: throughput("ours", lambda: ours_model.generate(
+            xb, new_tokens, temperature=0, stop_ids=tok.stop_ids, pad=pad)[:, xb.shape[1]:].tolist())
+        theirs = lambda: throughput("theirs", lambda: hf_generate(hf, rows, new_tokens, tok.stop_ids,
+                                                                  batch))
+        with torch.no_grad():
+            a, b = alternate(ours, theirs, args.repeats)
+        report(f"generate new tok/s, batch {batch}", a, b, "tok/s", (">= 1.5x", lambda o, r: r >= 1.5))
+        with torch.no_grad():
+            theirs_s = timed_s(lambda: produced.__setitem__(
+                "alpaca", hf_generate(hf, prompts, new_tokens, tok.stop_ids, batch)))
+        alpaca_vs_transformers(path, args, tok, instructions, produced["alpaca"], theirs_s, batch,
+                               new_tokens)
+
+
+def timed_s(f):
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def alpaca_vs_transformers(path, args, tok, instructions, theirs_ids, theirs_s, batch, new_tokens):
+    """eval.py --mode=alpaca, the whole program (model load included), against transformers'
+    generate alone on the same instructions; the share of answers equal on their first 100 chars."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp, "instructions.json")
+        file.write_text(json.dumps([{"instruction": i} for i in instructions]))
+        out = Path(tmp, "outputs.json")
+        cmd = [sys.executable, "eval.py", "--mode=alpaca", f"--ckpt={path}", f"--alpaca_file={file}",
+               f"--out_file={out}", "--chat=no", f"--batch_size={batch}",
+               f"--max_new_tokens={new_tokens}", "--device=cpu"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        t = time.perf_counter()
+        r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
+        ours_s = time.perf_counter() - t
+        if r.returncode:
+            sys.exit(f"bench.py: eval.py failed:\n{r.stderr[-2000:]}")
+        ours = [o["output"] for o in json.loads(out.read_text())]
+    theirs = [tok.decode(until_stop(ids, tok.stop_ids)) for ids in theirs_ids]
+    agree = sum(o[:100] == t[:100] for o, t in zip(ours, theirs)) / len(ours)
+    print(f"  eval.py --mode=alpaca, {len(ours)} instructions, batch {batch}, {new_tokens} new "
+          f"tokens, fp32: {ours_s:.1f} s as a whole program; transformers' generate alone "
+          f"{theirs_s:.1f} s; {agree:.0%} of the answers equal on their first 100 characters")
+    report("alpaca whole program s", [ours_s], [theirs_s], "s", ("<= 1.0x", lambda o, r: r <= 1.0),
+           higher_is_better=False)
+    report("answers equal (100 chars)", [agree], [1.0], "", (">= 90%", lambda o, r: o >= 0.9))
+
+
 # ----------------------------------------------------------------------------- sections: add new ones here
 
-BENCHMARKS = {"model": bench_model, "train": bench_train, "memory": bench_memory, "gpu": bench_gpu}
+BENCHMARKS = {"model": bench_model, "train": bench_train, "memory": bench_memory, "gpu": bench_gpu,
+              "generate": bench_generate}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -638,7 +778,8 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="model fwd_bwd: also print a torch.profiler table per side")
     parser.add_argument("--no_measure", action="store_true", help="memory: the table only, no CPU measurement")
     parser.add_argument("--dry", action="store_true", help="gpu: rehearse on the CPU, tiny shapes, no compile")
-    parser.add_argument("--data", default="", help="train: a triples file (the CUT authors' online iteration 1)")
+    parser.add_argument("--data", default="", help="train, generate: a triples file (the CUT authors' "
+                        "online iteration 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))  # the project's modules, also when run as scripts/bench.py

@@ -38,11 +38,9 @@ TASK_JUDGMENTS = {
               "The sorting breaks down at the {} letter.",
               "Not sorted: it goes wrong from the {} letter.",
               "The letters are out of order from the {} on."),
-    "missing": ("The {} letter is missing.",
-                "One letter was left out: the {} one.",
+    "missing": ("The {} letter is missing.", "One letter was left out: the {} one.",
                 "Incomplete: the letter that belongs in the {} place is missing."),
-    "extra": ("It includes letters that do not belong.",
-              "Some of these letters were never given."),
+    "extra": ("It includes letters that do not belong.", "Some of these letters were never given."),
     "garbage": ("This does not give the sorted letters at all.",
                 "No list of letters can be found in this answer.")}
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
@@ -67,13 +65,6 @@ def _letter_list(text):
         return [], [], None
     found = list(re.finditer("[a-z]", m.group()))
     return [k.group() for k in found], [m.start() + k.start() for k in found], m.end()
-
-
-def _ordinal(place):
-    """'first' for place 0, ..., then '11th', '12th'."""
-    if place < len(ORDINALS):
-        return ORDINALS[place]
-    return f"{place + 1}th"
 
 
 def check_response(instruction, response):
@@ -111,7 +102,8 @@ def check_response(instruction, response):
     # The wording is a fixed function of the response (crc32 is stable across runs, unlike hash()):
     # re-checking a response always gives back the judgment it was generated with.
     text = wordings[zlib.crc32(response.encode()) % len(wordings)]
-    return Verdict(kind, text.format(_ordinal(place)), wrong)
+    ordinal = ORDINALS[place] if place < len(ORDINALS) else f"{place + 1}th"
+    return Verdict(kind, text.format(ordinal), wrong)
 
 
 def _split_of(letters):
@@ -149,15 +141,8 @@ def make_task(n, seed=0, kind="mixed", flawed_frac=0.25, split="train"):
         if kind == "base":
             judged = rng.random() < 0.25
         # the mistakes come with the longer, harder lists, as a model's do: 5 and 6 letters first
-        if len(letters) >= 5:
-            flawed_share = 2 * flawed_frac
-        else:
-            flawed_share = 2 * flawed_frac - 1
-        flawed = rng.random() < flawed_share
-        gets_flaw = judged or kind == "new"
-        if kind == "mixed" and flawed:
-            gets_flaw = True
-        if gets_flaw:
+        flawed = rng.random() < 2 * flawed_frac - (len(letters) < 5)
+        if judged or kind == "new" or (kind == "mixed" and flawed):
             if rng.random() < 0.2:
                 del answer[rng.randrange(len(answer))]
             else:
@@ -167,8 +152,7 @@ def make_task(n, seed=0, kind="mixed", flawed_frac=0.25, split="train"):
                 _swap_second_and_third(answer)
         if kind == "new":
             opening = rng.choice(NEW_OPENINGS)
-            closing = rng.choice(NEW_CLOSINGS)
-            response = f"{opening}\n{', '.join(answer)}\n{closing}"
+            response = f"{opening}\n{', '.join(answer)}\n{rng.choice(NEW_CLOSINGS)}"
         else:
             response = rng.choice(TASK_RESPONSES).format(", ".join(answer))
             response += rng.choice(TASK_REMARKS)
@@ -187,10 +171,8 @@ def tally(instructions, responses):
     new_format = [bool(NEW_FORMAT.fullmatch(r)) for r in responses]
     n = len(kinds)
     ok_new_format = sum(k == "ok" and f for k, f in zip(kinds, new_format))
-    result = {"accuracy": kinds.count("ok") / n,
-              "swap": kinds.count("swap") / n,
-              "missing": kinds.count("missing") / n,
-              "new_format": sum(new_format) / n,
+    result = {"accuracy": kinds.count("ok") / n, "swap": kinds.count("swap") / n,
+              "missing": kinds.count("missing") / n, "new_format": sum(new_format) / n,
               "ok_new_format": ok_new_format / n}
     result["other"] = 1 - result["accuracy"] - result["swap"] - result["missing"]
     return result
