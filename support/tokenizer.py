@@ -37,9 +37,8 @@ SUPPORTED = ("supported: a byte-level BPE tokenizer.json (optionally NFC), Sente
              "byte fallback (tokenizer.model, or its tokenizer.json of Llama 2 and Mistral) and "
              "Meta's Llama 3 tokenizer.model")
 # a dummy prefix, spaces as "▁": SentencePiece's own
-SP_NORMALIZER = {"type": "Sequence", "normalizers": [
-    {"type": "Prepend", "prepend": "▁"},
-    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+SP_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                  {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -52,8 +51,7 @@ LLAMA3_SPECIALS = [  # ids 128000.., Llama 3.1 names, 256 in all
 UTF8_LEADS = {0x00: (0, 0), 0xC0: (6, 0x80), 0xE0: (12, 0x800), 0xF0: (18, 0x10000)}
 
 
-class Parts(NamedTuple):
-    """What Tokenizer._build needs from a tokenizer file."""
+class Parts(NamedTuple):  # what Tokenizer._build needs from a tokenizer file
     ranks: dict  # token bytes -> tiktoken rank
     special: dict  # special token text -> id
     pattern: str  # tiktoken's split pattern
@@ -63,12 +61,11 @@ class Parts(NamedTuple):
 
 
 def _byte_chars():
-    """GPT-2's byte -> printable character map, in which byte-level BPE vocabs are written."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's byte -> printable character map, in which byte-level BPE vocabs are written: the
+    bytes that print (!..~, ¡..¬, ®..ÿ) stand for themselves, the others for chr(256) on."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     rest = [b for b in range(256) if b not in printable]
-    stand_ins = [256 + i for i in range(len(rest))]
-    return {b: chr(c) for b, c in zip(printable + rest, printable + stand_ins)}
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(rest)}}
 
 
 def _unencodable(ranks, where):
@@ -103,28 +100,11 @@ def _meta_ranks(data):
 
 
 def _varint(buf, i):
-    n = 0
-    shift = 0
+    """The varint at buf[i] (7 bits a byte, the lowest first) and the index after it."""
+    start = i
     while buf[i] & 0x80:
-        n |= (buf[i] & 0x7F) << shift
         i += 1
-        shift += 7
-    return n | (buf[i] << shift), i + 1
-
-
-def _field(buf, kind, i):
-    """The value of wire type kind at buf[i] and the index after it: 0 a varint, 2 a length and as
-    many bytes, 1 and 5 eight and four bytes (5 read as a float)."""
-    if kind == 0:
-        return _varint(buf, i)
-    if kind == 2:
-        size, i = _varint(buf, i)
-    else:
-        size = {1: 8, 5: 4}[kind]  # KeyError for the other wire types: an unreadable file
-    value = buf[i:i + size]
-    if kind == 5:
-        value = struct.unpack("<f", value)[0]
-    return value, i + size
+    return sum((b & 0x7F) << (7 * k) for k, b in enumerate(buf[start:i + 1])), i + 1
 
 
 def _proto(buf):
@@ -133,7 +113,18 @@ def _proto(buf):
     i = 0
     while i < len(buf):
         key, i = _varint(buf, i)
-        value, i = _field(buf, key & 7, i)
+        kind = key & 7  # wire type: 0 a varint, 2 a length and as many bytes, 1 8 bytes, 5 4 bytes
+        if kind == 0:
+            value, i = _varint(buf, i)
+        else:
+            if kind == 2:
+                size, i = _varint(buf, i)
+            else:
+                size = {1: 8, 5: 4}[kind]  # KeyError for the other wire types: an unreadable file
+            value = buf[i:i + size]
+            i += size
+        if kind == 5:
+            value = struct.unpack("<f", value)[0]
         fields.setdefault(key >> 3, []).append(value)
     if i > len(buf):
         raise ValueError("truncated")
@@ -143,12 +134,9 @@ def _proto(buf):
 def _sp_model(data):
     """{id: (text, score, type)}, trainer spec and normalizer spec of a SentencePiece model."""
     model = _proto(data)
-    pieces = {}
-    for i, piece in enumerate(map(_proto, model.get(1, []))):
-        pieces[i] = (piece.get(1, [b""])[0].decode(), *piece.get(2, [0.0]), *piece.get(3, [1]))
-    trainer = _proto(model.get(2, [b""])[0])
-    normalizer = _proto(model.get(3, [b""])[0])
-    return pieces, trainer, normalizer
+    pieces = {i: (p.get(1, [b""])[0].decode(), *p.get(2, [0.0]), *p.get(3, [1]))
+              for i, p in enumerate(map(_proto, model.get(1, [])))}
+    return pieces, _proto(model.get(2, [b""])[0]), _proto(model.get(3, [b""])[0])
 
 
 def _check_sp_model(path, pieces, trainer, norm):
@@ -166,39 +154,29 @@ def _check_sp_model(path, pieces, trainer, norm):
     }
     wrong = [name for name, (read, required) in checks.items() if read != required]
     if wrong:
-        raise ValueError(
-            f"{path}: a SentencePiece model, but not BPE with byte fallback, no normalization, "
-            f"a dummy prefix, whitespace kept and no user-defined pieces ({', '.join(wrong)}); "
-            f"{SUPPORTED}")
-
-
-def _piece_bytes(piece, kind):
-    """The bytes a SentencePiece piece decodes to: none for unknown and control pieces."""
-    if kind == 1:
-        return piece.replace("▁", " ").encode()
-    if kind == 6:
-        return bytes([int(piece[3:5], 16)])
-    return b""
+        raise ValueError(f"{path}: a SentencePiece model, but not BPE with byte fallback, no "
+                         f"normalization, a dummy prefix, whitespace kept and no user-defined "
+                         f"pieces ({', '.join(wrong)}); {SUPPORTED}")
 
 
 def _sp_parts(pieces, bos_name, where):
     """The Parts of SentencePiece BPE: pieces {id: (text, score, type)}, type 1 normal, 2 unknown,
     3 control, 6 byte. SentencePiece merges the pair whose piece scores highest, tiktoken the pair
     whose bytes rank lowest: rank the characters' UTF-8 prefixes first, then the longer pieces by
-    falling score (ties by id). A rank that is no piece stands for its byte tokens (byte
-    fallback)."""
+    falling score, ties by id. Byte fallback: a rank that is no piece stands for its byte tokens."""
     ids = {p.encode(): i for i, (p, _, kind) in pieces.items() if kind == 1}
     byte_ids = {int(p[3:5], 16): i for i, (p, _, kind) in pieces.items() if kind == 6}
     if sorted(byte_ids) != list(range(256)):
         raise ValueError(f"{where}: SentencePiece without the 256 byte fallback tokens "
                          f"<0x00>..<0xFF>; {SUPPORTED}")
     prefixes = {c.encode()[:k] for p in ids for c in p.decode() for k in range(2, 5)}
-    chars = {bytes([b]) for b in range(256)} | prefixes
     longer = [p for p in ids if len(p.decode()) > 1]
     longer.sort(key=lambda p: (-pieces[ids[p]][1], ids[p]))
-    order = sorted(chars) + longer
+    order = sorted({bytes([b]) for b in range(256)} | prefixes) + longer
     table = [[ids[b]] if b in ids else [byte_ids[x] for x in b] for b in order]
-    text = {i: _piece_bytes(p, kind) for i, (p, _, kind) in pieces.items()}
+    text = {i: b"" for i in pieces}  # the bytes of each id: none for unknown and control pieces
+    text.update({i: p.replace("▁", " ").encode() for i, (p, _, k) in pieces.items() if k == 1})
+    text.update({i: bytes([int(p[3:5], 16)]) for i, (p, _, k) in pieces.items() if k == 6})
     ranks = {b: r for r, b in enumerate(order)}
     special = {p: i for i, (p, _, kind) in pieces.items() if kind in (2, 3)}
     # no pre-tokenizer: the whole text is one piece
@@ -217,39 +195,31 @@ def _hf_parts(spec, where):
     # a merge is "a b" or ["a", "b"]
     merges = ["".join(m.split(" ") if isinstance(m, str) else m) for m in model.get("merges", [])]
     if model.get("byte_fallback"):  # SentencePiece BPE, Hugging Face's form (Llama 2, Mistral v0.1)
-        is_bpe = model.get("type") == "BPE"
-        sp_normalizer = spec.get("normalizer") == SP_NORMALIZER
-        has_pre = bool(pre)  # Metaspace: " a" != "▁▁a"
-        if not is_bpe or not sp_normalizer or has_pre:
-            raise ValueError(
-                f"{where}: byte fallback, but not SentencePiece's normalizer alone (Prepend and "
-                f"Replace with '▁'); remove it to read the tokenizer.model beside it; "
-                f"{SUPPORTED}")
+        if (model.get("type") != "BPE"
+                or spec.get("normalizer") != SP_NORMALIZER
+                or pre):  # a pre-tokenizer, as Metaspace: " a" != "▁▁a"
+            raise ValueError(f"{where}: byte fallback, but not SentencePiece's normalizer alone "
+                             f"(Prepend and Replace with '▁'); remove it to read the "
+                             f"tokenizer.model beside it; {SUPPORTED}")
         score = {m: -k for k, m in reversed(list(enumerate(merges)))}  # a piece's first merge
-        pieces = {}
-        for p, i in model["vocab"].items():
-            kind = 6 if re.fullmatch("<0x[0-9A-F]{2}>", p) else 1
-            pieces[i] = (p, score.get(p, -len(merges)), kind)
-        for p, i in specials.items():
-            pieces[i] = (p, 0.0, 3)
+        pieces = {i: (p, score.get(p, -len(merges)), 6 if re.fullmatch("<0x[0-9A-F]{2}>", p) else 1)
+                  for p, i in model["vocab"].items()}
+        pieces.update({i: (p, 0.0, 3) for p, i in specials.items()})
         return _sp_parts(pieces, bos, where)
     steps = (pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]) or [{}]
-    split = {}
-    if len(steps) == 2 and steps[0].get("type") == "Split":
-        split = steps[0]
-    byte_level = {}
-    if steps[-1].get("type") == "ByteLevel" and len(steps) == (2 if split else 1):
-        byte_level = steps[-1]
+    split = steps[0] if len(steps) == 2 and steps[0].get("type") == "Split" else {}
+    byte_level = steps[-1] if steps[-1].get("type") == "ByteLevel" else {}
     pattern = split.get("pattern", {}).get("Regex") if split else GPT2_SPLIT
-    plain_bpe = (model.get("type") == "BPE"
-                 and not model.get("continuing_subword_prefix")
-                 and not model.get("end_of_word_suffix"))
-    normalizer_ok = spec.get("normalizer") in (None, {"type": "NFC"})
-    byte_level_ok = (bool(byte_level)
-                     and not byte_level.get("add_prefix_space")
-                     and byte_level.get("use_regex", True) != bool(split))  # one split, not two
-    split_ok = (not split) or (split.get("behavior") == "Isolated" and not split.get("invert"))
-    if not (plain_bpe and normalizer_ok and byte_level_ok and split_ok and pattern):
+    if not (model.get("type") == "BPE"
+            and not model.get("continuing_subword_prefix")
+            and not model.get("end_of_word_suffix")
+            and spec.get("normalizer") in (None, {"type": "NFC"})
+            and byte_level
+            and len(steps) == 1 + bool(split)  # ByteLevel alone or after the Split
+            and not byte_level.get("add_prefix_space")
+            and byte_level.get("use_regex", True) != bool(split)  # one split, not two
+            and (not split or (split.get("behavior") == "Isolated" and not split.get("invert")))
+            and pattern):
         raise ValueError(f"{where}: not a byte-level BPE tokenizer ({model.get('type')}, "
                          f"pre-tokenizer {pre.get('type')}); {SUPPORTED}")
     byte_of = {c: b for b, c in _byte_chars().items()}
@@ -289,19 +259,16 @@ class Tokenizer:
         special = parts.special
         chat = next((c for c, (mark, _, _) in CHAT_FORMATS.items() if mark in special), None)
         # Llama 2's [INST] is text: its chat template shows it, as does Meta's layout (no template)
-        llama2 = ("[INST]" in template) or (bool(parts.sp) and not template)
-        if chat is None and llama2:
+        if chat is None and ("[INST]" in template or (parts.sp and not template)):
             chat = "llama2"
         end_of_turn = CHAT_FORMATS[chat][1] if chat else None
         ends = [n for n in (end_of_turn, eos_name, *END_OF_TEXT) if n in special]
-        unknown_bos = (parts.bos_name is not None) and (parts.bos_name not in special)
-        if not ends or unknown_bos:
+        if not ends or (parts.bos_name is not None and parts.bos_name not in special):
             raise ValueError(
                 f"{name}: no end-of-text token or an unknown BOS token {parts.bos_name!r}")
         # SentencePiece's ranks are not its ids: its special tokens stay out of tiktoken
-        tiktoken_special = {} if parts.sp else special
         enc = tiktoken.Encoding(name, pat_str=parts.pattern, mergeable_ranks=parts.ranks,
-                                special_tokens=tiktoken_special)
+                                special_tokens={} if parts.sp else special)
         n_vocab = max(parts.sp[1]) + 1 if parts.sp else enc.n_vocab
         stop_ids = sorted({special[n] for n in ends})
         drop = _unencodable(parts.ranks, name)
@@ -322,36 +289,31 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such tokenizer file; {SUPPORTED}")
         data = path.read_bytes()
-        here = path.parent
-        beside = ("tokenizer_config.json", "chat_template.jinja")
-        extra = {n: (here / n).read_bytes() for n in beside if (here / n).is_file()}
-        config_data = extra.get("tokenizer_config.json", b"{}")
-        config = _parse(here / "tokenizer_config.json", config_data, json.loads)
+        beside = [path.with_name(n) for n in ("tokenizer_config.json", "chat_template.jinja")]
+        extra = {p.name: p.read_bytes() for p in beside if p.is_file()}
+        config = _parse(beside[0], extra.get("tokenizer_config.json", b"{}"), json.loads)
         eos = config.get("eos_token")
         eos = eos.get("content") if isinstance(eos, dict) else eos
         jinja = extra.get("chat_template.jinja", b"")
         template = str(config.get("chat_template") or jinja.decode())
-        if path.suffix == ".json":
-            files = {"tokenizer.json": data, **extra}
+        name = "tokenizer.json" if path.suffix == ".json" else "tokenizer.model"
+        if name == "tokenizer.json":
             parts = _hf_parts(_parse(path, data, json.loads), path)
-            return cls._build(str(path), eos, template, files, parts)
-        files = {"tokenizer.model": data, **extra}
-        # a protobuf's field 1: SentencePiece's pieces (Llama 3's file is base64 text)
-        if data[:1] == b"\n":
+        elif data[:1] == b"\n":  # a protobuf's field 1: SentencePiece's pieces (Llama 3's: base64)
             pieces, trainer, norm = _parse(path, data, _sp_model)
             _check_sp_model(path, pieces, trainer, norm)
             bos = pieces.get(trainer.get(41, [1])[0], [None])[0]  # trainer_spec.bos_id
-            return cls._build(str(path), eos, template, files, _sp_parts(pieces, bos, path))
-        ranks = _parse(path, data, _meta_ranks)
-        special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
-        parts = Parts(ranks, special, LLAMA3_SPLIT, "<|begin_of_text|>")
-        return cls._build(str(path), eos, template, files, parts)
+            parts = _sp_parts(pieces, bos, path)
+        else:
+            ranks = _parse(path, data, _meta_ranks)
+            special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+            parts = Parts(ranks, special, LLAMA3_SPLIT, "<|begin_of_text|>")
+        return cls._build(str(path), eos, template, {name: data, **extra}, parts)
 
     @classmethod
     def byte_level(cls):
-        """Ids 0..255 are the bytes, then <|bos|> 256, <|eos|> 257, <|im_start|> 258, <|im_end|>
-        259: a byte-level BPE with no merges (tokenizer.json), and ChatML, whose short prompts keep
-        the built-in task cheap on a CPU."""
+        """Ids 0..255 the bytes, then <|bos|>, <|eos|>, <|im_start|>, <|im_end|>: a byte-level BPE
+        with no merges, and ChatML, whose short prompts keep the built-in task cheap on a CPU."""
         names = ("<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>")
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                       "use_regex": True}
@@ -364,8 +326,7 @@ class Tokenizer:
             "special_tokens": {names[0]: {"id": names[0], "ids": [256], "tokens": [names[0]]}}}
         vocab = {c: b for b, c in _byte_chars().items()}
         spec = {"added_tokens": added, "pre_tokenizer": byte_level, "decoder": byte_level,
-                "post_processor": bos_first,
-                "model": {"type": "BPE", "vocab": vocab, "merges": []}}
+                "post_processor": bos_first, "model": {"type": "BPE", "vocab": vocab, "merges": []}}
         config = {"bos_token": names[0], "eos_token": names[3], "chat_template": CHATML_TEMPLATE}
         files = {"tokenizer.json": json.dumps(spec, ensure_ascii=False).encode(),
                  "tokenizer_config.json": json.dumps(config).encode()}
@@ -376,8 +337,7 @@ class Tokenizer:
         if self.nfc:
             text = unicodedata.normalize("NFC", text)
         if self.sp:  # SentencePiece: a dummy prefix, spaces as "▁", then the ids of each rank
-            spaced = ("▁" + text.replace(" ", "▁")) if text else ""
-            ranks = self.enc.encode_ordinary(spaced)
+            ranks = self.enc.encode_ordinary(("▁" + text.replace(" ", "▁")) if text else "")
             return [i for r in ranks for i in self.sp[0][r]]
         if self.drop:
             text = self.drop.sub("", text)
