@@ -5,6 +5,7 @@ N response tokens per row, left-aligned (column t = t-th token of y, EOS include
 `mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is the paper's N.
 """
 import torch
+import torch.nn.functional as F
 
 MIN_1M_P = 1e-5  # floor on 1 - p_x inside log(1 - p_x): finite loss and gradient as p_x -> 1
 
@@ -55,21 +56,40 @@ def cut_loss(logp_x, logp_j, is_neg, mask, lam=2.0, alpha=1.0, gamma=0.0):
     return loss, {'frac_unlikely': frac_unlikely.detach(), 'U': U}  # U (B, N): eval.py measures it
 
 
-def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma):
+def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290, Eq. 7), the mean over B pairs: (loss, stats).
+
+    logp_w, logp_l (B,): log pi(y_w|x) and log pi(y_l|x), each summed over its response tokens;
+    ref_w, ref_l (B,): the same under the reference model, the one training started from.
+    loss = -log sigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
+    """
+    margin = beta * ((logp_w - ref_w) - (logp_l - ref_l))
+    stats = {'frac_unlikely': 0.0, 'reward_accuracy': (margin > 0).float().mean().detach()}
+    return -F.logsigmoid(margin).mean(), stats
+
+
+def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, ref_logp=None,
+               beta=0.1):
     """The loss of `mode` (CUT or a baseline of the paper) on the rows of one batch: (loss, stats).
 
     logp, mask (R, N) from response_logprobs. For 'cut', triple b has its x -> y row x_rows[b] and
     its [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For
-    'forward', x_rows[b] is x -> y and j_rows[b] is [x, y] -> j. sft, sft_all and hindsight are MLE
-    on every row: the triple builder put only their rows in the batch.
+    'forward', x_rows[b] is x -> y and j_rows[b] is [x, y] -> j. For 'dpo' and 'ilf_dpo', x_rows[b]
+    is the preferred response and j_rows[b] the other, and ref_logp (R, N) the reference model's
+    logp. sft, sft_all, hindsight and ilf_mle are MLE on every row: the triple builder put only
+    their rows in the batch.
     """
     if mode == 'cut':
         return cut_loss(logp[x_rows], logp[j_rows], is_neg, mask[x_rows], lam, alpha, gamma)
+    if mode in ('dpo', 'ilf_dpo'):
+        summed = (logp * mask).sum(1)
+        ref = (ref_logp * mask).sum(1)
+        return dpo_loss(summed[x_rows], summed[j_rows], ref[x_rows], ref[j_rows], beta)
     if mode == 'forward':  # -log p(y|x)/N - log p(j|x,y)/Q per triple
         loss = mle_loss(logp[x_rows], mask[x_rows]) + mle_loss(logp[j_rows], mask[j_rows])
-    elif mode in ('sft', 'sft_all', 'hindsight'):
+    elif mode in ('sft', 'sft_all', 'hindsight', 'ilf_mle'):
         loss = mle_loss(logp, mask)
     else:
-        raise ValueError(f"unknown loss mode {mode!r}; "
-                         "expected cut, sft, sft_all, hindsight or forward")
+        raise ValueError(f"unknown loss mode {mode!r}; expected cut, sft, sft_all, hindsight, "
+                         "forward, ilf_mle, ilf_dpo or dpo")
     return loss, {'frac_unlikely': 0.0}

@@ -21,9 +21,13 @@ PLAIN = ("Below is an instruction that describes a task. Write a response that a
 JUDGED = ("Below is an instruction that describes a task. Write a response to the instruction and "
           "the response should match the corresponding judgment.\n\n"
           "### Instruction:\n{instruction}\n\n### Judgment:\n{judgment}\n\n### Response:\n")
-LOSS_MODES = ("cut", "sft", "sft_all", "hindsight", "forward")  # each trains on its own sequences
+# each trains on its own sequences (encode_triples); ilf_*: on a refinement, dpo: on a pair
+LOSS_MODES = ("cut", "sft", "sft_all", "hindsight", "forward", "ilf_mle", "ilf_dpo", "dpo")
+PAIRED = ("ilf_dpo", "dpo")  # a preferred and a dispreferred response to one prompt
 POSITIVE_JUDGMENT = "Your response to the instruction is satisfactory."
 JUDGMENT_HEADER = "\n\n### Judgment:\n"  # forward prediction: the judgment is trained after [x, y]
+# ILF's refiner reads the instruction, a flawed response and its judgment, and writes a better one
+REFINE = "{instruction}\n\n### Response to improve:\n{response}" + JUDGMENT_HEADER + "{judgment}"
 
 
 def use_chat(tok, chat):
@@ -77,6 +81,11 @@ def prompt_ids(tok, instruction, judgment=None, chat=False):
     return ids
 
 
+def refine_prompt(t):
+    """The instruction that asks ILF's refiner for a better response than t's flawed one."""
+    return REFINE.format(instruction=t.instruction, response=t.response, judgment=t.judgment)
+
+
 def split_triples(triples: list[Triple], val_frac: float = 0.1, seed: int = 0):
     """(train, val): a random permutation of the distinct triples, drawn from the seed alone (no
     global RNG state). Copies of a triple stay together: validation never holds a trained triple."""
@@ -109,7 +118,9 @@ def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None
 
 def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: int,
                    chat: bool = False, verbose=True) -> list[Encoded]:
-    """The sequences each loss mode trains on (docs/cut.md); a row's model input is <= max_len."""
+    """The sequences each loss mode trains on (docs/cut.md); a row's model input is <= max_len.
+    sft skips the flawed triples, ilf_mle the flawed ones without a refinement, and dpo and ilf_dpo
+    the triples without a refinement or chosen response."""
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {LOSS_MODES}")
     out = []
@@ -117,14 +128,24 @@ def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: in
     skipped = 0
     for t in triples:
         is_neg = t.judgment is not None
-        if mode == "sft" and is_neg:
+        if t.refinement is not None and not is_neg and mode not in PAIRED:
+            raise ValueError(f"a preference pair (prompt {t.instruction[:40]!r}) trains with "
+                             "--loss=dpo only")
+        if (mode == "sft" and is_neg) or (mode in PAIRED and t.refinement is None):
+            skipped += 1
+            continue
+        if mode == "ilf_mle" and is_neg and t.refinement is None:
             skipped += 1
             continue
         response = tok.encode(t.response)  # once: every row of the triple trains the same ids
         y = response + [tok.eos_id]
         plain = prompt_ids(tok, t.instruction, chat=chat)
         rows = [(plain, y)]
-        if mode == "hindsight":
+        if mode == "ilf_mle" and is_neg:
+            rows = [(plain, tok.encode(t.refinement) + [tok.eos_id])]
+        elif mode in PAIRED:  # the preferred row first: x_rows, then j_rows the dispreferred
+            rows.insert(0, (plain, tok.encode(t.refinement) + [tok.eos_id]))
+        elif mode == "hindsight":
             judged = prompt_ids(tok, t.instruction, t.judgment or POSITIVE_JUDGMENT, chat=chat)
             rows = [(judged, y)]
         elif mode == "cut" and is_neg:  # Misalign is the x -> y row itself: j+ is no judgment
@@ -140,7 +161,7 @@ def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: in
     if verbose:
         n_rows = sum(len(e.rows) for e in out)
         print(f"encoded {len(out)} triples for {mode} ({n_rows} sequences), dropped {too_long} "
-              f"longer than {max_len} tokens, skipped {skipped} flawed (sft)")
+              f"longer than {max_len} tokens, skipped {skipped} ({mode}: see encode_triples)")
     return out
 
 

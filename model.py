@@ -8,6 +8,7 @@ The file formats (safetensors, Hugging Face and Meta layouts) are support/checkp
 project file this one imports.
 """
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -354,8 +355,11 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # the init of nn.Linear and of peft
+        self.enabled = True
 
     def forward(self, x):
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)
         return F.linear(x, self.weight, self.bias) + update * self.scale
 
@@ -369,6 +373,20 @@ def add_lora(model, rank, alpha, targets=("gate_proj", "up_proj", "down_proj")):
                 if name in targets:
                     setattr(parent, name, LoRALinear(child, rank, alpha / rank))
     return model
+
+
+@contextmanager
+def lora_disabled(model):
+    """The model without its LoRA updates while the block runs: the base the adapters started from,
+    which DPO needs as its reference, at no cost of a second copy."""
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in adapters:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in adapters:
+            m.enabled = True
 
 
 def merged_state_dict(model):

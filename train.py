@@ -19,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 # before torch loads OpenMP: its spinning threads made small CPU ops up to 20x slower on 2 cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -31,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from cut_loss import batch_loss, response_logprobs
-from data import LOSS_MODES, collate, encode_triples, load_checkpoint, split_triples, use_chat
-from model import ModelConfig, Transformer, add_lora
+from data import (LOSS_MODES, PAIRED, collate, encode_triples, load_checkpoint, split_triples,
+                  use_chat)
+from model import ModelConfig, Transformer, add_lora, lora_disabled
 from support.runs import open_run, save_checkpoint
 from support.settings import configure, run_program
 from support.tokenizer import Tokenizer
@@ -49,6 +51,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     lam: float = 2.0              # token detection: U = {t : p_n(t) - lam * p_x(t) > 0} (Eq. 5)
     alpha: float = 1.0            # unlikelihood weight
     gamma: float = 0.0            # dynamic weighting exponent, paper Eq. 6 (0: the authors' code)
+    beta: float = 0.1             # dpo, ilf_dpo: the strength of the pull towards the reference
     chat: str = "auto"            # prompt format: 'auto' (chat format if instruct), 'yes', 'no'
     max_iters: int = 600          # lr, lam: the best of compare.py's validation within 600 steps
     batch_size: int = 16          # triples per micro-step
@@ -123,13 +126,19 @@ def micro_batches(encoded, it, cfg, rank, world):
     return [[encoded[i] for i in step] for step in steps[rank::world]]
 
 
-def forward_loss(model, encoded, cfg, pad_id, dev, autocast):
-    """One batched forward of every sequence of these triples: (loss, stats, tokens processed)."""
+def forward_loss(model, encoded, cfg, pad_id, dev, autocast, ref=None):
+    """One batched forward of every sequence of these triples: (loss, stats, tokens processed).
+    ref: DPO's reference model, a function of (idx, targets) like the model."""
     batch = collate(encoded, pad_id).to(dev)
     with autocast:
         logp, mask = response_logprobs(model(batch.idx, targets=batch.targets), batch.targets)
+        ref_logp = None
+        if ref is not None:
+            with torch.no_grad():
+                ref_out = ref(batch.idx, targets=batch.targets)
+                ref_logp, _ = response_logprobs(ref_out, batch.targets)
         loss, stats = batch_loss(cfg.loss, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
-                                 cfg.lam, cfg.alpha, cfg.gamma)
+                                 cfg.lam, cfg.alpha, cfg.gamma, ref_logp, cfg.beta)
     return loss, stats, int((batch.idx != pad_id).sum())
 
 
@@ -161,6 +170,9 @@ def check_settings(cfg, ddp, world):
     if cfg.lora_rank and cfg.init_from == "scratch":
         raise ValueError("lora_rank > 0 needs a pretrained init_from: adapters on random frozen "
                          "weights learn nothing")
+    if cfg.loss in PAIRED and (cfg.init_from == "scratch" or cfg.fsdp):
+        raise ValueError(f"loss={cfg.loss} needs an init_from, the reference model, and no fsdp "
+                         "(the reference would be a second, unsharded copy; use LoRA or DDP)")
     if cfg.init_from != "scratch" and not Path(cfg.init_from).is_dir():
         raise FileNotFoundError(f"init_from {cfg.init_from}: no such checkpoint directory")
     if cfg.data != "builtin" and not Path(cfg.data).is_file():
@@ -212,6 +224,20 @@ def trainable_params(model, cfg, state):
     return params
 
 
+def reference_model(cfg, raw, dev):
+    """DPO's reference, the model training started from: with LoRA the model itself with its
+    adapters off, else a frozen copy read from init_from. None for the other losses."""
+    if cfg.loss not in PAIRED:
+        return None
+    if cfg.lora_rank:
+        def adapters_off(idx, targets):
+            with lora_disabled(raw):
+                return raw(idx, targets=targets)
+        return adapters_off
+    ref, _ = load_checkpoint(cfg.init_from, dtype=torch.float32, device=dev)
+    return ref.eval().requires_grad_(False)
+
+
 # FSDP's state dicts as whole tensors on rank 0's CPU
 FULL = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -230,27 +256,10 @@ def build_optimizer(model, params, cfg, state, dev):
     return optimizer, scaler
 
 
-@dataclass
-class Run:
-    """What the loop needs, set up by set_up()."""
-    model: torch.nn.Module  # what the loop calls: the module, compiled and/or wrapped in DDP
-    raw: Transformer        # the module itself: evaluation and checkpoints
-    tok: Tokenizer
-    params: list
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    train_e: list
-    val_e: list
-    start_iter: int
-    data_sha256: str
-    dev: str
-    rank: int
-    world: int
-    autocast: object
-
-
 def set_up(cfg):
-    """Check the settings and out_dir, then build the model, the data and the optimizer."""
+    """Check the settings and out_dir, then build the model, the data and the optimizer: the parts
+    of the run that the loop needs. run.model is what the loop calls (compiled and/or in DDP),
+    run.raw the module itself, for evaluation and checkpoints."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
@@ -278,8 +287,11 @@ def set_up(cfg):
     if cfg.dtype != "float32":
         autocast = torch.autocast(torch.device(dev).type, dtype=getattr(torch, cfg.dtype))
     start_iter = state["iter"] if state else 0
-    return Run(model, raw, tok, params, optimizer, scaler, train_e, val_e, start_iter, data_sha256,
-               dev, rank, world, autocast)
+    return SimpleNamespace(model=model, raw=raw, ref=reference_model(cfg, raw, dev), tok=tok,
+                           params=params, optimizer=optimizer,
+                           scaler=scaler, train_e=train_e, val_e=val_e, start_iter=start_iter,
+                           data_sha256=data_sha256, dev=dev, rank=rank, world=world,
+                           autocast=autocast)
 
 
 def train_step(run, it, cfg):
@@ -294,7 +306,7 @@ def train_step(run, it, cfg):
         if isinstance(run.model, DDP):  # synchronise gradients on the last micro-step only
             run.model.require_backward_grad_sync = m == steps_here - 1
         loss, stats, n = forward_loss(run.model, encoded, cfg, run.tok.eos_id, run.dev,
-                                      run.autocast)
+                                      run.autocast, run.ref)
         run.scaler.scale(loss / steps_here).backward()
         frac = torch.as_tensor(stats["frac_unlikely"], device=run.dev)
         sums += torch.stack([loss.detach().float(), frac])
@@ -315,7 +327,8 @@ def evaluate(run, cfg):
     with torch.no_grad():
         for i in range(0, min(len(run.val_e), 20 * cfg.batch_size), cfg.batch_size):
             batch = run.val_e[i:i + cfg.batch_size]
-            loss = forward_loss(run.raw, batch, cfg, run.tok.eos_id, run.dev, run.autocast)[0]
+            loss = forward_loss(run.raw, batch, cfg, run.tok.eos_id, run.dev, run.autocast,
+                                run.ref)[0]
             losses.append(loss.item())
     run.raw.train()
     return sum(losses) / len(losses)
@@ -441,17 +454,16 @@ def report(s, cfg, argv, seconds):
               f"checkpoint is in {out}. Resume with: "
               f"python train.py {again} --resume=True".replace("  ", " "))
         return
-    names = [k for k in ("loss", "val_loss", "frac_unlikely") if s.get(k) is not None]
-    losses = ", ".join(f"{k} {s[k]:.4f}" for k in names)
+    losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("loss", "val_loss", "frac_unlikely") if k in s)
+    prompt = "Sort these letters: h, d, j, a"
+    evaluate = f"python eval.py --ckpt={out}    # against its base: accuracy, mistakes, U"
+    if cfg.data != "builtin":
+        prompt = "..."
+        before = "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
+        evaluate = f"python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}"
     print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} "
-          f"({losses}).\nNext:")
-    if cfg.data == "builtin":
-        print(f"  python sample.py --ckpt={out} --prompt=\"Sort these letters: h, d, j, a\"\n"
-              f"  python eval.py --ckpt={out}    # against its base: accuracy, mistakes, U")
-        return
-    before = "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
-    print(f"  python sample.py --ckpt={out} --prompt=\"...\"\n"
-          f"  python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}")
+          f"({losses}).\nNext:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\"\n"
+          f"  {evaluate}")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,6 @@ def _device(v):
     return int(v[5:] or 0) < torch.cuda.device_count()
 
 
-def _device_choices():
-    n = torch.cuda.device_count()
-    return f"cpu, or cuda or cuda:N on a GPU torch sees ({n} here)"
-
-
-def _lora_targets(v):
-    return set(v.split(",")) <= set(LORA_TARGETS)
-
-
 RULES = {
     "lam": (lambda v: v >= 1,
             ">= 1 (U holds the tokens whose probability rises by a factor lam)"),
@@ -40,14 +31,17 @@ RULES = {
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "out_dir": (lambda v: v.strip() != "", "a directory"),
     "ckpt": (lambda v: v.strip() != "", "a directory"),
-    "lora_targets": (_lora_targets, f"names from {','.join(LORA_TARGETS)}"),
-    "device": (_device, _device_choices),
+    "lora_targets": (lambda v: set(v.split(",")) <= set(LORA_TARGETS),
+                     f"names from {','.join(LORA_TARGETS)}"),
+    # a message that depends on the machine is written when it is needed
+    "device": (_device, lambda: f"cpu, or cuda or cuda:N on a GPU torch sees "
+                                f"({torch.cuda.device_count()} here)"),
     "dtype": (lambda v: v in DTYPES, " | ".join(DTYPES)),
     "chat": (lambda v: v in ("auto", "yes", "no"), "auto | yes | no"),
 }
 POSITIVE = ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval",
             "log_interval", "task_size", "n_layers", "n_heads", "dim", "max_len", "learning_rate",
-            "base_lr", "lora_alpha", "num_samples", "n_eval")
+            "base_lr", "lora_alpha", "num_samples", "n_eval", "beta")
 NON_NEGATIVE = ("warmup_iters", "base_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank",
                 "alpha", "gamma", "temperature", "top_k", "max_new_tokens", "n_alpaca")
 for _key in POSITIVE:
@@ -115,7 +109,6 @@ def configure(defaults, argv, choices=None):
         rules[key] = (lambda v, allowed=allowed: v in allowed, " | ".join(allowed))
     for key, (ok, allowed) in rules.items():
         if key in known and not ok(getattr(cfg, key)):
-            # a message that depends on the machine is written when it is needed
             if callable(allowed):
                 allowed = allowed()
             raise ValueError(f"config key {key!r}: expected {allowed}, got {getattr(cfg, key)!r}")

@@ -15,10 +15,7 @@ class Triple:
     instruction: str
     response: str
     judgment: str | None  # None: the response is acceptable
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    refinement: str | None = None  # a better response (ILF); a preference pair's chosen one
 
 
 def _acceptable(judgment, score):
@@ -61,7 +58,7 @@ def _triple(rec, where: str) -> Triple | None:
         judgment = field("judgment", nullable=True)
         extra = field("input", nullable=True) if "input" in rec else None
         score = rec.get("score")
-        if score is not None and not _is_number(score):
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise ValueError(f"{where}: field 'score' must be a number or null, "
                              f"got {type(score).__name__}")
         if judgment == FAILED_JUDGE:
@@ -75,10 +72,14 @@ def _triple(rec, where: str) -> Triple | None:
         judgment = field("judgment", nullable=True) or None
         if judgment == FAILED_JUDGE:
             return None
-        return Triple(field("instruction"), field("response"), judgment)
+        refinement = field("refinement", nullable=True) if "refinement" in rec else None
+        return Triple(field("instruction"), field("response"), judgment, refinement)
+    if "chosen" in rec:  # a preference pair, as TRL and Anthropic's HH data write them
+        return Triple(field("prompt"), field("rejected"), None, field("chosen"))
     raise ValueError(f"{where}: unknown record, expected the fields "
-                     "instruction/input/output/judgment, question/answer/feedback or "
-                     f"instruction/response/judgment; got {sorted(rec)}")
+                     "instruction/input/output/judgment, question/answer/feedback, "
+                     "instruction/response/judgment(/refinement) or prompt/chosen/rejected; "
+                     f"got {sorted(rec)}")
 
 
 def data_hash(data):
@@ -129,8 +130,10 @@ def load_triples(path, verbose=True) -> list[Triple]:
         raise ValueError(f"{path}: no usable triples in {len(located)} records")
     n_err = len(parsed) - len(triples)
     n_flawed = sum(t.judgment is not None for t in triples)
+    n_better = sum(t.refinement is not None for t in triples)
+    better = f", {n_better} with a refinement or a chosen response" if n_better else ""
     if verbose:
         print(f"{path.name}: loaded {len(triples)} triples "
-              f"({len(triples) - n_flawed} acceptable, {n_flawed} flawed), "
+              f"({len(triples) - n_flawed} acceptable, {n_flawed} flawed{better}), "
               f"dropped {n_err} with a failed judge call ({FAILED_JUDGE})")
     return triples

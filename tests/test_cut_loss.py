@@ -185,8 +185,8 @@ def test_batch_loss_modes():
         loss, stats = batch_loss(mode, logp, mask, x_rows, j_rows, torch.tensor(neg), 1.1, 1.0, 0.0)
         assert loss.item() == pytest.approx(sum(ref_row_mle(r[:k]) for r, k in zip(rows, n)) / 5, rel=1e-12)
         assert stats['frac_unlikely'] == 0.0
-    with pytest.raises(ValueError, match="'dpo'.*cut, sft, sft_all, hindsight or forward"):
-        batch_loss('dpo', logp, mask, x_rows, j_rows, torch.tensor(neg), 1.1, 1.0, 0.0)
+    with pytest.raises(ValueError, match="'kto'.*cut, sft, sft_all, hindsight, forward, ilf_mle"):
+        batch_loss('kto', logp, mask, x_rows, j_rows, torch.tensor(neg), 1.1, 1.0, 0.0)
 
 
 def test_end_to_end_cut_finds_the_planted_error_token():

@@ -445,7 +445,7 @@ def test_row_structure_of_each_mode(byte_tok, capsys):
     assert (a.rows, a.is_neg) == ([(plain, y_acc)], False)
     assert (n.rows, n.is_neg) == ([(plain, y_neg), (prompt_ids(tok, X, J), y_neg)], True)
     assert [e.rows for e in encode_triples(tok, [ACC, NEG], "sft", 4096)] == [[(plain, y_acc)]]
-    assert "skipped 1 flawed" in capsys.readouterr().out
+    assert "skipped 1 (sft" in capsys.readouterr().out
     assert [e.rows for e in encode_triples(tok, [ACC, NEG], "sft_all", 4096)] == [[(plain, y_acc)], [(plain, y_neg)]]
     a, n = encode_triples(tok, [ACC, NEG], "hindsight", 4096)
     assert a.rows == [(prompt_ids(tok, X, POSITIVE_JUDGMENT), y_acc)] and n.rows == [(prompt_ids(tok, X, J), y_neg)]
@@ -457,7 +457,7 @@ def test_row_structure_of_each_mode(byte_tok, capsys):
         assert t[-1] == eos and tok.decode(t[:-1]) == judgment
         assert p[:len(plain)] == plain and tok.decode(p[len(plain):]) == resp + "\n\n### Judgment:\n"
     with pytest.raises(ValueError, match="unknown mode"):
-        encode_triples(tok, [ACC], "dpo", 4096)
+        encode_triples(tok, [ACC], "kto", 4096)
 
 
 def test_collate_shapes_padding_and_row_indices(byte_tok):

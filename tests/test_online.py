@@ -1,0 +1,65 @@
+"""scripts/online.py: the file judge's round trip (written, read back, mismatched records refused)
+and one round of each kind of method end to end on a tiny base, resumed without redoing a step."""
+import json
+
+import pytest
+
+import train
+from scripts import online
+from tasks import letters
+
+TINY = ["--task_size=200", "--dim=32", "--n_layers=1", "--n_heads=2", "--max_len=160",
+        "--batch_size=4", "--eval_interval=1000", "--val_frac=0.1", "--device=cpu"]
+
+
+def test_file_judge_round_trip(tmp_path):
+    samples = [("Sort these letters: b, a", "a, b"), ("Sort these letters: c, a", "c, a")]
+    assert online.file_judge(tmp_path, samples) is None
+    asked = [json.loads(line) for line in (tmp_path / "to_judge.jsonl").read_text().splitlines()]
+    assert asked == [{"instruction": i, "response": r} for i, r in samples]
+    judged = tmp_path / "judged.jsonl"
+    records = [dict(a, judgment=j) for a, j in zip(asked, [None, "The order is wrong."])]
+    judged.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert online.file_judge(tmp_path, samples) == [None, "The order is wrong."]
+    swapped = [records[0], dict(records[1], response="a, c")]
+    for bad, message in [(records[:1], "1 records, but .* asks for 2"),
+                         (swapped, "line 2: not the record .* asks for"),
+                         ([records[0], asked[1]], "line 2: missing field 'judgment'"),
+                         ([records[0], dict(records[1], judgment=3)],
+                          "line 2: field 'judgment' must be a string or null")]:
+        judged.write_text("".join(json.dumps(r) + "\n" for r in bad))
+        with pytest.raises(ValueError, match=message):
+            online.file_judge(tmp_path, samples)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("online")
+    train.main([*TINY, "--data=builtin", f"--out_dir={root / 'run'}", "--base_iters=300",
+                "--max_iters=1"])
+    return root / "run" / "base"
+
+
+@pytest.mark.parametrize("method", ["cut", "dpo"])
+def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
+    args = [f"--base={base}", f"--out_dir={tmp_path}", f"--method={method}", "--rounds=1",
+            "--judge_calls=16", "--max_iters=2", "--n_eval=20", f"--train_args={' '.join(TINY)}"]
+    summary = online.main(args)
+    record = summary["rounds"][1]
+    samples = json.loads((tmp_path / "round1" / "samples.json").read_text())
+    judgments = [letters.check_response(i, r).judgment for i, r in samples]
+    assert record["judge_calls"] == 16 == len(samples)
+    assert record["flawed_share"] == sum(j is not None for j in judgments) / 16
+    data = [json.loads(line) for line in (tmp_path / "round1" / "data.jsonl").read_text().splitlines()]
+    if method == "cut":
+        assert [(d["instruction"], d["response"], d["judgment"]) for d in data] == \
+            [(i, r, j) for (i, r), j in zip(samples, judgments)]
+    else:  # two samples per instruction; a pair where the judge accepted one and flawed the other
+        for d in data:
+            assert letters.check_response(d["prompt"], d["chosen"]).judgment is None
+            assert letters.check_response(d["prompt"], d["rejected"]).judgment is not None
+    eval_file = tmp_path / "round1" / "model" / "eval_test.json"
+    assert record["accuracy"] == json.loads(eval_file.read_text())["rows"][-1]["accuracy"]
+    stamp = eval_file.stat().st_mtime
+    assert online.main(args)["rounds"] == summary["rounds"]  # finished steps are reused
+    assert eval_file.stat().st_mtime == stamp
