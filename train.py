@@ -417,6 +417,9 @@ def main(argv):
             gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(gpu)
         dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
+    if cfg.data == "builtin" and (cfg.loss in PAIRED or cfg.loss == "ilf_mle"):
+        raise ValueError(f"loss={cfg.loss} needs refinements or preference pairs, and the built-in "
+                         "task's data has none: python -m scripts.online --method=... makes them")
     t0 = time.time()
     try:
         if cfg.data == "builtin" and cfg.init_from == "scratch" and cfg.base_iters:

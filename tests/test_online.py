@@ -54,11 +54,17 @@ def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
     if method == "cut":
         assert [(d["instruction"], d["response"], d["judgment"]) for d in data] == \
             [(i, r, j) for (i, r), j in zip(samples, judgments)]
-    else:  # two samples per instruction; a pair where the judge accepted one and flawed the other
-        for d in data:
-            assert letters.check_response(d["prompt"], d["chosen"]).judgment is None
-            assert letters.check_response(d["prompt"], d["rejected"]).judgment is not None
-    eval_file = tmp_path / "round1" / "model" / "eval_test.json"
+    else:  # two samples per instruction: a pair where the judge accepted one and flawed the other
+        pairs = []
+        for k in range(0, 16, 2):
+            (i, a), (_, b) = samples[k], samples[k + 1]
+            if (judgments[k] is None) != (judgments[k + 1] is None):
+                good, bad = (a, b) if judgments[k] is None else (b, a)
+                pairs.append({"prompt": i, "chosen": good, "rejected": bad})
+        assert data == pairs
+    assert record["trained"] == bool(data)
+    model = tmp_path / "round1" / "model" if data else base  # nothing to train on: the model stays
+    eval_file = model / "eval_test.json"
     assert record["accuracy"] == json.loads(eval_file.read_text())["rows"][-1]["accuracy"]
     stamp = eval_file.stat().st_mtime
     assert online.main(args)["rounds"] == summary["rounds"]  # finished steps are reused

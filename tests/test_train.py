@@ -362,8 +362,10 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--device=meta"], r"config key \'device\': expected cpu, or cuda or cuda:N on a GPU torch sees \(\d+ here\), got 'meta'"),
     pytest.param(["--device=cuda"], r"config key 'device': .* GPU torch sees \(0 here\), got 'cuda'", marks=NO_GPU),
     (["--dtype=float8"], "config key 'dtype': expected float32 | bfloat16 | float16, got 'float8'"),
-    (["--loss=dpo"], "config key 'loss': expected cut | sft | sft_all | hindsight | forward, got 'dpo'"),
-    (["--loss=dpo", "--base_iters=2"], "config key 'loss'"),  # refused before the base phase trains
+    (["--loss=kto"], "config key 'loss': expected cut | sft | sft_all | hindsight | forward | ilf_mle | ilf_dpo | dpo, "
+                     "got 'kto'"),
+    (["--loss=kto", "--base_iters=2"], "config key 'loss'"),  # refused before the base phase trains
+    (["--loss=dpo", "--base_iters=2"], "loss=dpo needs refinements or preference pairs"),  # the same
     (["--chat=maybe"], "config key 'chat': expected auto | yes | no, got 'maybe'"),
     (["--task=hard"], "config key 'task': expected mixed | new, got 'hard'"),
     (["--max_iter=3"], "unknown config key 'max_iter'.*known keys: .*max_iters"),
