@@ -11,12 +11,9 @@ MIN_1M_P = 1e-5  # floor on 1 - p_x inside log(1 - p_x): finite loss and gradien
 
 
 def response_logprobs(token_logp, targets, ignore_index=-100):
-    """The log-probs of the trained tokens, left-aligned per row: (logp (R, N), mask (R, N) float).
-
-    token_logp (n,): log p(target) at the trained positions, in row-major order, as
-    model(idx, targets=targets) gives it. targets (R, T): next-token targets, ignore_index except on
-    the trained span (y + EOS).
-    """
+    """token_logp (n,) of the trained positions in row-major order, as model(idx, targets) gives
+    it, left-aligned per row: (logp (R, N), mask (R, N) float). targets (R, T): ignore_index off
+    the trained span (y + EOS)."""
     trained = targets != ignore_index
     rows, pos = trained.nonzero(as_tuple=True)
     lengths = trained.sum(1)

@@ -32,9 +32,7 @@ REFINE = "{instruction}\n\n### Response to improve:\n{response}" + JUDGMENT_HEAD
 
 def use_chat(tok, chat):
     """The `chat` setting as a bool: 'auto' (if the checkpoint has a chat template), 'yes', 'no'."""
-    if chat == "auto":
-        return tok.instruct
-    return chat == "yes"
+    return tok.instruct if chat == "auto" else chat == "yes"
 
 
 def load_checkpoint(path, dtype=torch.float32, device="cpu"):
@@ -51,9 +49,8 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu"):
 
 
 def prompt_ids(tok, instruction, judgment=None, chat=False):
-    """[BOS] + PLAIN (judgment None) or JUDGED. chat=True: one user turn of the model's chat format
-    instead, holding the instruction, then JUDGMENT_HEADER + the judgment if one is given, then the
-    assistant's header."""
+    """[BOS] + PLAIN (judgment None) or JUDGED. chat=True: one user turn of the chat format instead,
+    the instruction (then JUDGMENT_HEADER and the judgment), then the assistant's header."""
     ids = [] if tok.bos_id is None else [tok.bos_id]
     if not chat:
         if judgment is None:
@@ -118,9 +115,8 @@ def _fit(prompt: list[int], trained: list[int], max_len: int, bos_id: int | None
 
 def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: int,
                    chat: bool = False, verbose=True) -> list[Encoded]:
-    """The sequences each loss mode trains on (docs/cut.md); a row's model input is <= max_len.
-    sft skips the flawed triples, ilf_mle the flawed ones without a refinement, and dpo and ilf_dpo
-    the triples without a refinement or chosen response."""
+    """The sequences each loss mode trains on (docs/cut.md), a row's model input <= max_len. sft
+    skips flawed triples; ilf_mle, dpo and ilf_dpo those they have no refinement for."""
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown mode {mode!r}, expected one of {LOSS_MODES}")
     out = []

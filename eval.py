@@ -7,7 +7,6 @@ python eval.py (mode 'task'): out/ against its base (out/base, or --before) on t
 --mode=triples --data=FILE --before=DIR: on the run's held-out split, NLL, and log p_x of the tokens
   in U (judged by before) and of the others.
 --mode=alpaca --alpaca_file=FILE: AlpacaEval's model_outputs.json for its judge.
---mode=refine --data=FILE: ILF's refinements of the flawed triples, by ckpt (a triples file).
 """
 import bisect
 import json
@@ -23,8 +22,7 @@ import torch
 from tqdm import tqdm
 
 from cut_loss import cut_loss, response_logprobs
-from data import (collate, encode_triples, load_checkpoint, prompt_ids, refine_prompt,
-                  split_triples, use_chat)
+from data import collate, encode_triples, load_checkpoint, prompt_ids, split_triples, use_chat
 from model import left_pad
 from support.settings import configure, run_program
 from support.triple_files import data_hash, load_triples, read_text
@@ -33,10 +31,10 @@ from tasks import letters
 
 @dataclass
 class Config:  # every key can be set by --key=value or a JSON config file
-    mode: str = "task"            # task, triples, alpaca, refine
+    mode: str = "task"            # task, triples, alpaca
     ckpt: str = "out"             # train.py's out_dir, or a Hugging Face / Meta directory
     before: str = ""              # the checkpoint before training ('': CKPT/base if any); judges U
-    data: str = ""                # 'triples', 'refine': a triples file
+    data: str = ""                # 'triples': a triples file
     out_file: str = ""            # '': CKPT/eval_MODE.json
     chat: str = "auto"            # prompt format, as in train.py: 'auto', 'yes', 'no'
     lam: float = 2.0              # U = {t : p_n(t) - lam * p_x(t) > 0}
@@ -241,20 +239,7 @@ def alpaca(c):
             for i, o in zip(instructions, outputs)]
 
 
-def refine(c):
-    """ILF's refinements: the triples of --data, each flawed one with a better response that ckpt
-    writes (greedy) from the instruction, the response and its judgment; a triples file again."""
-    if not c.data:
-        raise ValueError("mode 'refine' needs --data=FILE, a triples file")
-    triples = load_triples(c.data)
-    flawed = [t for t in triples if t.judgment is not None]
-    instructions = [refine_prompt(t) for t in flawed]
-    better = generate_responses(*load(c.ckpt, c), instructions, c, 0, c.max_new_tokens or 512)
-    refined = dict(zip(flawed, better))
-    return [dict(vars(t), refinement=refined.get(t, t.refinement)) for t in triples]
-
-
-MODES = {"task": task_mode, "triples": triples_eval, "alpaca": alpaca, "refine": refine}
+MODES = {"task": task_mode, "triples": triples_eval, "alpaca": alpaca}
 CHOICES = {"mode": tuple(MODES), "task": ("mixed", "new"), "split": ("val", "test")}
 TABLES = {"task": "model accuracy swap missing other new_format U_precision U_recall frac_unlikely "
                   "gain_wrong gain_other",

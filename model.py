@@ -1,11 +1,7 @@
 """Ids to logits: a LLaMA-family decoder, batched sampling with a KV cache, and LoRA.
 
-Read top to bottom: the config, the layers (RMSNorm, RoPE with Llama 3 scaling, grouped-query
-attention with Mistral's sliding window and Qwen2's q/k/v biases, SwiGLU), the Transformer with
-generate(), LoRA. Module names are those of Hugging Face's LlamaForCausalLM: its state dict maps
-onto ours key for key.
-The file formats (safetensors, Hugging Face and Meta layouts) are support/checkpoint.py's: the one
-project file this one imports.
+Module names are Hugging Face's LlamaForCausalLM's, so its state dict maps onto ours key for key;
+the file formats are support/checkpoint.py's, the one project file this one imports.
 """
 import math
 from contextlib import contextmanager
@@ -16,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from support.checkpoint import read_checkpoint, write_checkpoint
+from support.checkpoint import check_tensors, read_checkpoint, write_checkpoint
 
 LOGIT_CHUNK = 1024  # trained positions per lm_head + log-softmax block: (1024, vocab) fp32
 
@@ -165,16 +161,12 @@ class Transformer(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
-    def forward(self, idx, start_pos=0, targets=None, pad=None):
-        """idx (B, T) token ids -> logits (B, T, vocab).
-
-        targets (B, T), -100 off the trained positions: log p(target) (n,) at the trained positions
-        instead, in row-major order. The lm_head and log-softmax run LOGIT_CHUNK positions at a
-        time, each block recomputed in backward: the (n, vocab) fp32 logits never exist at once.
-        start_pos and pad are generate()'s: the cache position of idx[:, 0], and (B,) the number of
-        left-padding tokens at the start of each row, which no other token attends to.
-        """
-        h = self.model.norm(self.hidden(idx, start_pos, pad))
+    def forward(self, idx, targets=None):
+        """idx (B, T) token ids -> logits (B, T, vocab). targets (B, T), -100 off the trained
+        positions: log p(target) (n,) at the trained positions instead, in row-major order, the
+        lm_head and log-softmax LOGIT_CHUNK positions at a time, each block recomputed in backward:
+        the (n, vocab) fp32 logits never exist at once."""
+        h = self.model.norm(self.hidden(idx))
         if targets is None:
             return self.lm_head(h)
         trained = targets != -100
@@ -187,7 +179,8 @@ class Transformer(nn.Module):
         return -F.cross_entropy(self.lm_head(h).float(), targets, reduction="none")
 
     def hidden(self, idx, start_pos=0, pad=None):
-        """The last block's output (B, T, dim), before the final norm."""
+        """The last block's output (B, T, dim), before the final norm. start_pos: the cache
+        position of idx[:, 0]; pad (B,): each row's left padding, which no token attends to."""
         T = idx.shape[1]
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len "
@@ -228,10 +221,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=None,
                  on_token=None, pad=None):
-        """Continue idx (B, T) by up to max_new_tokens; a row stops at any stop id, and its later
-        columns repeat it. pad (B,): left-padding tokens at the start of each row (left_pad gives
-        both). temperature=0 is greedy. on_token(ids) gets each new (B,) column, for streaming.
-        A finished row leaves the batch: its cache is no longer written or read."""
+        """Continue idx (B, T), left-padded by pad (B,) tokens (left_pad), by up to max_new_tokens;
+        a row stops at any stop id, its later columns repeat it, and it leaves the batch and cache.
+        temperature=0 is greedy. on_token(ids) gets each new (B,) column, for streaming."""
         B, T = idx.shape
         max_len = min(T + max_new_tokens, self.cfg.max_seq_len)
         if T >= max_len:
@@ -274,8 +266,7 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        """A Hugging Face (config.json + safetensors) or Meta (params.json + consolidated.NN.pth)
-        directory."""
+        """A Hugging Face (config.json, safetensors) or Meta (params.json, .pth) directory."""
         fields, tensors = read_checkpoint(path)
         cfg = ModelConfig(**fields)
         with torch.device("meta"):  # no memory and no random init for weights that are loaded next
@@ -283,16 +274,7 @@ class Transformer(nn.Module):
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if cfg.tie_embeddings:
             expected.pop("lm_head.weight")
-        for name, (shape, _, file) in tensors.items():
-            if name not in expected:
-                raise ValueError(f"{file}: unexpected tensor {name!r}")
-            if tuple(shape) != tuple(expected[name]):
-                raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, the config "
-                                 f"says {tuple(expected[name])}")
-        missing = sorted(set(expected) - set(tensors))
-        if missing:
-            more = " ..." if len(missing) > 5 else ""
-            raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+        check_tensors(path, tensors, expected)
         # one tensor at a time to the target dtype; the loaders drop the mapped pages behind us
         sd = {name: load(dtype or torch.float32, device) for name, (_, load, _) in tensors.items()}
         if cfg.tie_embeddings:
@@ -329,8 +311,7 @@ def sample_next(logits, temperature, top_k, top_p):
 
 
 def left_pad(prompts, device=None):
-    """Prompts of any lengths as one left-padded (B, T) tensor, and each row's padding (B,):
-    generate's input. The padding id is 0: no token attends to it."""
+    """Prompts of any lengths as generate's input: left-padded ids (B, T) and the padding (B,)."""
     T = max(len(p) for p in prompts)
     idx = torch.zeros(len(prompts), T, dtype=torch.long)
     for r, p in enumerate(prompts):
@@ -342,8 +323,7 @@ def left_pad(prompts, device=None):
 # ----------------------------------------------------------------------------- LoRA
 
 class LoRALinear(nn.Linear):
-    """A frozen linear layer plus a trainable low-rank update: y = x W^T + scale x A^T B^T (B = 0 at
-    first)."""
+    """A frozen linear layer plus a trainable low-rank update: y = x W^T + scale x A^T B^T."""
 
     def __init__(self, base, rank, scale):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
@@ -377,8 +357,7 @@ def add_lora(model, rank, alpha, targets=("gate_proj", "up_proj", "down_proj")):
 
 @contextmanager
 def lora_disabled(model):
-    """The model without its LoRA updates while the block runs: the base the adapters started from,
-    which DPO needs as its reference, at no cost of a second copy."""
+    """The model without its LoRA updates while the block runs: DPO's reference, no second copy."""
     adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in adapters:
         m.enabled = False

@@ -35,7 +35,7 @@ from cut_loss import batch_loss, response_logprobs
 from data import (LOSS_MODES, PAIRED, collate, encode_triples, load_checkpoint, split_triples,
                   use_chat)
 from model import ModelConfig, Transformer, add_lora, lora_disabled
-from support.runs import open_run, save_checkpoint
+from support.runs import open_run, report, save_checkpoint
 from support.settings import configure, run_program
 from support.tokenizer import Tokenizer
 from support.triple_files import data_hash, load_triples
@@ -47,7 +47,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     out_dir: str = "out"
     init_from: str = "scratch"    # 'scratch' or a checkpoint: Hugging Face, Meta, an out_dir
     data: str = "builtin"         # a triples file (.json, .jsonl), or 'builtin': the built-in task
-    loss: str = "cut"             # cut, sft, sft_all, hindsight, forward
+    loss: str = "cut"             # cut, sft, sft_all, hindsight, forward, ilf_mle, ilf_dpo, dpo
     lam: float = 2.0              # token detection: U = {t : p_n(t) - lam * p_x(t) > 0} (Eq. 5)
     alpha: float = 1.0            # unlikelihood weight
     gamma: float = 0.0            # dynamic weighting exponent, paper Eq. 6 (0: the authors' code)
@@ -88,6 +88,8 @@ class Config:  # every key can be set by --key=value or a JSON config file
 
 
 CHOICES = {"loss": LOSS_MODES, "task": ("mixed", "new")}
+
+
 def base_config(cfg):
     """The built-in task's base: MLE on every response of the base data, from scratch."""
     return replace(cfg, out_dir=str(Path(cfg.out_dir) / "base"), loss="sft_all",
@@ -238,8 +240,7 @@ def reference_model(cfg, raw, dev):
     return ref.eval().requires_grad_(False)
 
 
-# FSDP's state dicts as whole tensors on rank 0's CPU
-FULL = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0's CPU (FSDP)
 
 
 def build_optimizer(model, params, cfg, state, dev):
@@ -257,9 +258,8 @@ def build_optimizer(model, params, cfg, state, dev):
 
 
 def set_up(cfg):
-    """Check the settings and out_dir, then build the model, the data and the optimizer: the parts
-    of the run that the loop needs. run.model is what the loop calls (compiled and/or in DDP),
-    run.raw the module itself, for evaluation and checkpoints."""
+    """Check the settings and out_dir, then build what the loop needs: run.model is what it calls
+    (compiled and/or in DDP), run.raw the module itself, for evaluation and checkpoints."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
@@ -269,8 +269,7 @@ def set_up(cfg):
     check_settings(cfg, ddp, world)
     torch.manual_seed(cfg.seed)
     state = open_run(cfg, rank == 0)
-    # read once; a resumed run's was checked by open_run
-    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)
+    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)  # open_run read a resume's
     if ddp:  # the other ranks go on once rank 0 has finished an interrupted save
         dist.barrier()
     model, tok = build_model(cfg, state, dev)
@@ -286,10 +285,9 @@ def set_up(cfg):
     autocast = nullcontext()
     if cfg.dtype != "float32":
         autocast = torch.autocast(torch.device(dev).type, dtype=getattr(torch, cfg.dtype))
-    start_iter = state["iter"] if state else 0
     return SimpleNamespace(model=model, raw=raw, ref=reference_model(cfg, raw, dev), tok=tok,
-                           params=params, optimizer=optimizer,
-                           scaler=scaler, train_e=train_e, val_e=val_e, start_iter=start_iter,
+                           params=params, optimizer=optimizer, scaler=scaler, train_e=train_e,
+                           val_e=val_e, start_iter=state["iter"] if state else 0,
                            data_sha256=data_sha256, dev=dev, rank=rank, world=world,
                            autocast=autocast)
 
@@ -446,27 +444,6 @@ def main(argv):
     if summary["stopped_by"]:
         sys.exit(128 + signal.Signals[summary["stopped_by"]].value)
     return summary
-
-
-def report(s, cfg, argv, seconds):
-    """What the run left, and the commands to run next."""
-    out = s["out_dir"]
-    if s["stopped_by"]:
-        again = " ".join(a for a in argv if not a.startswith(("--resume", "--overwrite")))
-        print(f"train.py: stopped by {s['stopped_by']} after iteration {s['iters']}; the "
-              f"checkpoint is in {out}. Resume with: "
-              f"python train.py {again} --resume=True".replace("  ", " "))
-        return
-    losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("loss", "val_loss", "frac_unlikely") if k in s)
-    prompt = "Sort these letters: h, d, j, a"
-    evaluate = f"python eval.py --ckpt={out}    # against its base: accuracy, mistakes, U"
-    if cfg.data != "builtin":
-        prompt = "..."
-        before = "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
-        evaluate = f"python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}"
-    print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} "
-          f"({losses}).\nNext:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\"\n"
-          f"  {evaluate}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,7 @@ def round_data(c, samples, judgments, round_dir, model_dir):
     if c.method.startswith("ilf"):  # the current model refines each flawed response
         refined = round_dir / "refined.json"
         if not refined.is_file():
-            run(round_dir, "eval.py", "--mode=refine", f"--ckpt={model_dir}", f"--data={data}",
+            run(round_dir, "-m", "scripts.refine", f"--ckpt={model_dir}", f"--data={data}",
                 f"--out_file={refined}", "--max_new_tokens=96", "--device=cpu")
         return refined
     return data
@@ -192,7 +192,7 @@ def one_round(c, r, model_dir, root):
 def has_examples(method, data):
     """Whether the round's data holds something the method trains on: sft needs an acceptable
     response, dpo a pair, ilf_dpo a refinement."""
-    if data.suffix == ".json":  # eval.py --mode=refine writes a JSON list
+    if data.suffix == ".json":  # scripts.refine writes a JSON list
         records = json.loads(read_text(data))
     else:
         records = [json.loads(line) for line in read_text(data).splitlines() if line.strip()]

@@ -1,10 +1,6 @@
-"""Checkpoint files: Hugging Face (config.json + safetensors, sharded or not) and Meta
+"""Checkpoint files for model.py: Hugging Face (config.json + safetensors, sharded or not) and Meta
 (params.json + consolidated.NN.pth) readers, a safetensors reader and writer, and the finish of an
-interrupted save.
-
-model.py's from_pretrained and save_pretrained call read_checkpoint and write_checkpoint. A model
-config travels as a plain dict of model.ModelConfig's fields, so this file needs nothing from
-model.py.
+interrupted save. A config travels as a dict of model.ModelConfig's fields: no import of model.py.
 """
 import json
 import math
@@ -22,8 +18,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 
 def read_checkpoint(path):
-    """(config fields, {tensor name: (shape, load(dtype, device), file)}) of a checkpoint
-    directory."""
+    """(config fields, {tensor name: (shape, load(dtype, device), file)}) of a checkpoint dir."""
     path = Path(path)
     finish_checkpoint(path)
     if (path / "config.json").exists():
@@ -34,13 +29,25 @@ def read_checkpoint(path):
         f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
 
 
+def check_tensors(path, tensors, expected):
+    """The tensors read are exactly the model's, {name: shape} in expected, each of its shape."""
+    for name, (shape, _, file) in tensors.items():
+        if name not in expected:
+            raise ValueError(f"{file}: unexpected tensor {name!r}")
+        if tuple(shape) != tuple(expected[name]):
+            raise ValueError(f"{file}: tensor {name!r} has shape {tuple(shape)}, the config says "
+                             f"{tuple(expected[name])}")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        more = " ..." if len(missing) > 5 else ""
+        raise ValueError(f"{path}: missing tensor(s) {', '.join(missing[:5])}{more}")
+
+
 def write_checkpoint(directory, cfg, state_dict):
     """config.json + model.safetensors in Hugging Face's layout; cfg holds ModelConfig's fields."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    family = "llama"
-    if cfg["sliding_window"]:
-        family = "mistral"
+    family = "mistral" if cfg["sliding_window"] else "llama"
     if cfg["qkv_bias"]:
         family = "qwen2"
     hf = dict(
@@ -60,8 +67,7 @@ def write_checkpoint(directory, cfg, state_dict):
 
 def read_safetensors(file):
     """{name: (shape, loader, file)} of a memory-mapped safetensors file; loader(dtype, device)
-    copies one tensor to the target dtype and drops its pages, so peak memory stays near one
-    copy."""
+    copies one tensor to the target dtype and drops its pages: peak memory stays near one copy."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -102,9 +108,8 @@ def read_safetensors(file):
 
 
 def finish_checkpoint(path):
-    """Move a complete save that was killed while moving its files (path/.ckpt-new/COMPLETE) into
-    path. Two processes may do this at once: each file moves once. An incomplete .ckpt-new is the
-    writer's to remove."""
+    """Move a save killed while moving its files, if complete (path/.ckpt-new/COMPLETE), into path.
+    Two processes may do so at once: each file moves once. Its writer removes an incomplete one."""
     tmp = Path(path) / ".ckpt-new"
     with suppress(FileNotFoundError):
         if (tmp / "COMPLETE").exists():
@@ -116,8 +121,7 @@ def finish_checkpoint(path):
 
 
 def write_safetensors(file, state_dict):
-    """{name: tensor} as safetensors: the header's length in 8 bytes, the JSON header, the raw
-    bytes."""
+    """{name: tensor} as safetensors: the header's length (8 bytes), JSON header, raw bytes."""
     header = {"__metadata__": {"format": "pt"}}
     offset = 0
     tensors = []
@@ -154,8 +158,7 @@ def _read_hf(path):
                           "intermediate_size", "vocab_size", "rms_norm_eps"])
     family = c.get("model_type", "llama")
     odd = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if c.get(k)]
-    supported_family = family in ("llama", "mistral", "qwen2")
-    if not supported_family or odd:  # Qwen2's sliding window is per layer
+    if family not in ("llama", "mistral", "qwen2") or odd:  # Qwen2's sliding window is per layer
         raise ValueError(f"{file}: model_type {' '.join([repr(family), *odd])} is not supported; "
                          "supported: llama, mistral (sliding_window), qwen2 (its q/k/v biases); "
                          "no other biases")
@@ -170,9 +173,7 @@ def _read_hf(path):
     if rope_type == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         scaling = {k: rope[k] for k in keys}
-    window = 0
-    if family == "mistral":
-        window = c.get("sliding_window") or 0
+    window = (c.get("sliding_window") or 0) if family == "mistral" else 0
     cfg = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
                n_heads=c["num_attention_heads"],
                n_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
@@ -227,13 +228,11 @@ def _read_meta(path):
     if vocab <= 0:  # Llama 2 writes -1
         vocab = shards[0]["tok_embeddings.weight"].shape[0]
     cfg = dict(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"],
-               n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab,
-               hidden_dim=hidden,
+               n_kv_heads=p.get("n_kv_heads") or p["n_heads"], vocab_size=vocab, hidden_dim=hidden,
                norm_eps=p.get("norm_eps", 1e-5), rope_theta=p.get("rope_theta", 10000.0),
                rope_scaling=scaling, max_seq_len=p.get("max_seq_len", 8192))
     names = {"tok_embeddings.weight": "model.embed_tokens.weight",
-             "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
+             "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
     for i in range(cfg["n_layers"]):
         for meta, hf in META_TO_HF.items():
             names[f"layers.{i}.{meta}.weight"] = f"model.layers.{i}.{hf}.weight"
@@ -243,8 +242,7 @@ def _read_meta(path):
             continue  # derived buffer in some releases
         if key not in names:
             raise ValueError(f"{files[0]}: unexpected tensor {key!r}")
-        parts = [s[key] for s in shards]
-        state[names[key]] = (*_meta_loader(parts, names[key], cfg), files[0])
+        state[names[key]] = (*_meta_loader([s[key] for s in shards], names[key], cfg), files[0])
     return cfg, state
 
 

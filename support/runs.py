@@ -23,9 +23,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 def save_checkpoint(raw, tok, state, out, weights=None):
-    """Write into out/.ckpt-new, mark it complete, then move each file into out: a kill at any point
-    leaves either the old checkpoint or a complete new one, which the next reader of out moves in
-    (support.checkpoint.finish_checkpoint)."""
+    """Write out/.ckpt-new, mark it complete, move each file into out: a kill at any point leaves
+    the old checkpoint or a complete new one, which the next finish_checkpoint(out) moves in."""
     tmp = out / ".ckpt-new"
     shutil.rmtree(tmp, ignore_errors=True)
     raw.save_pretrained(tmp, weights)
@@ -37,13 +36,11 @@ def save_checkpoint(raw, tok, state, out, weights=None):
 
 def open_run(cfg, master):
     """Check out_dir before anything is trained: a run is never reused silently, and --resume goes
-    on only with the run's own settings and data. Returns the saved train state, or None for a new
-    run."""
+    on only with the run's own settings and data. The saved train state, or None for a new run."""
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {out}: a file, not a directory")
-    from_checkpoint = cfg.init_from != "scratch"
-    if from_checkpoint and out.resolve() == Path(cfg.init_from).resolve():
+    if cfg.init_from != "scratch" and out.resolve() == Path(cfg.init_from).resolve():
         raise ValueError(f"out_dir and init_from are both {out}: training would overwrite the "
                          "checkpoint it starts from; choose another --out_dir")
     if master:
@@ -53,8 +50,7 @@ def open_run(cfg, master):
             raise ValueError(f"{out}: no checkpoint to resume (train_state.pt); "
                              "start without --resume")
         # mmap: one copy a node however many processes load it
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True,
-                           mmap=True)
+        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
         saved = dict(state["config"], data_sha256=state.get("data_sha256"))
         now = dict(asdict(cfg), data_sha256=data_hash(cfg.data))
         changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
@@ -66,8 +62,7 @@ def open_run(cfg, master):
         if master:  # iterations logged after the checkpoint will run again
             log = out / "log.jsonl"
             lines = log.read_text().splitlines() if log.exists() else []
-            kept = [line for line in lines
-                    if line.strip() and json.loads(line)["iter"] < state["iter"]]
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iter"] < state["iter"]]
             log.write_text("".join(line + "\n" for line in kept))
         return state
     if any((out / f).exists() for f in RUN_FILES):
@@ -79,3 +74,24 @@ def open_run(cfg, master):
             for f in [*RUN_FILES, *evals, *TOKENIZER_FILES]:
                 (out / f).unlink(missing_ok=True)
     return None
+
+
+def report(s, cfg, argv, seconds):
+    """What train.py's run left, and the commands to run next."""
+    out = s["out_dir"]
+    if s["stopped_by"]:
+        again = " ".join(a for a in argv if not a.startswith(("--resume", "--overwrite")))
+        print(f"train.py: stopped by {s['stopped_by']} after iteration {s['iters']}; the "
+              f"checkpoint is in {out}. Resume with: "
+              f"python train.py {again} --resume=True".replace("  ", " "))
+        return
+    losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("loss", "val_loss", "frac_unlikely") if k in s)
+    prompt = "Sort these letters: h, d, j, a"
+    evaluate = f"python eval.py --ckpt={out}    # against its base: accuracy, mistakes, U"
+    if cfg.data != "builtin":
+        prompt = "..."
+        before = "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
+        evaluate = f"python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}"
+    print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} "
+          f"({losses}).\nNext:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\"\n"
+          f"  {evaluate}")

@@ -1,7 +1,6 @@
-"""The programs' settings: each program declares them as a dataclass of defaults; configure()
-applies JSON config files and --key=value flags to it, then checks every value against RULES,
-before any file or checkpoint is read. run_program() turns a user's mistake into one line and exit
-status 2.
+"""The programs' settings: each declares them as a dataclass of defaults; configure() applies JSON
+config files and --key=value flags, then checks every value against RULES before any file or
+checkpoint is read. run_program() turns a user's mistake into one line and exit status 2.
 """
 import ast
 import json
@@ -25,8 +24,7 @@ def _device(v):
 
 
 RULES = {
-    "lam": (lambda v: v >= 1,
-            ">= 1 (U holds the tokens whose probability rises by a factor lam)"),
+    "lam": (lambda v: v >= 1, ">= 1 (U holds the tokens whose probability rises by a factor lam)"),
     "val_frac": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "out_dir": (lambda v: v.strip() != "", "a directory"),
@@ -44,15 +42,12 @@ POSITIVE = ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_inte
             "base_lr", "lora_alpha", "num_samples", "n_eval", "beta")
 NON_NEGATIVE = ("warmup_iters", "base_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank",
                 "alpha", "gamma", "temperature", "top_k", "max_new_tokens", "n_alpaca")
-for _key in POSITIVE:
-    RULES[_key] = (lambda v: v > 0, "> 0")
-for _key in NON_NEGATIVE:
-    RULES[_key] = (lambda v: v >= 0, ">= 0")
+RULES.update({key: (lambda v: v > 0, "> 0") for key in POSITIVE})
+RULES.update({key: (lambda v: v >= 0, ">= 0") for key in NON_NEGATIVE})
 
 
 def run_program(main):
-    """A program's entry point: a user's mistake (a bad setting, file or record) is one line and
-    exit status 2; any other error keeps its traceback."""
+    """A program's entry point: a bad setting, file or record is one line and exit status 2."""
     try:
         main(sys.argv[1:])
     except (ValueError, OSError) as e:
@@ -74,8 +69,7 @@ def _flag_value(key, text, known):
 def configure(defaults, argv, choices=None):
     """A copy of the dataclass `defaults` with argv applied: JSON config files and --key=value
     flags, in order. A value takes the type of its default (an int is accepted for a float) and must
-    pass RULES; choices {key: allowed values} adds the program's own lists (the loss modes, the
-    evaluation modes)."""
+    pass RULES; choices {key: allowed values} adds the program's own lists (loss or eval modes)."""
     known = {f.name: getattr(defaults, f.name) for f in fields(defaults)}
     changes = {}
     for arg in argv:

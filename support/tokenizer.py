@@ -1,9 +1,6 @@
 """Tokenizer files on tiktoken: byte-level BPE (tokenizer.json), SentencePiece BPE with byte
-fallback (tokenizer.model, or its tokenizer.json), Meta's Llama 3 tokenizer.model, and a built-in
-byte tokenizer.
-
-data.py writes prompts with these tokenizers; model.py never sees text. The chat formats live here
-because a tokenizer's special tokens reveal which one a checkpoint speaks.
+fallback (tokenizer.model, or its tokenizer.json), Meta's Llama 3 tokenizer.model, a built-in byte
+tokenizer, and the chat formats, which a tokenizer's special tokens reveal. data.py uses them.
 """
 import base64
 import json
@@ -16,9 +13,8 @@ from typing import NamedTuple
 
 import tiktoken
 
-# chat format -> (special token that reveals it, its end-of-turn token, one user turn then the
-# assistant's header). Llama 2's [INST] is text (the chat template reveals it); text between
-# special tokens gets SentencePiece's "▁".
+# chat format -> (special token that reveals it, end-of-turn token, a user turn then the assistant's
+# header). Llama 2's [INST] is text (its chat template shows it); SentencePiece adds "▁" to text.
 CHAT_FORMATS = {
     "llama3": ("<|start_header_id|>", "<|eot_id|>",
                "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
@@ -195,9 +191,8 @@ def _hf_parts(spec, where):
     # a merge is "a b" or ["a", "b"]
     merges = ["".join(m.split(" ") if isinstance(m, str) else m) for m in model.get("merges", [])]
     if model.get("byte_fallback"):  # SentencePiece BPE, Hugging Face's form (Llama 2, Mistral v0.1)
-        if (model.get("type") != "BPE"
-                or spec.get("normalizer") != SP_NORMALIZER
-                or pre):  # a pre-tokenizer, as Metaspace: " a" != "▁▁a"
+        # a pre-tokenizer (as Metaspace) is refused too: " a" != "▁▁a"
+        if model.get("type") != "BPE" or spec.get("normalizer") != SP_NORMALIZER or pre:
             raise ValueError(f"{where}: byte fallback, but not SentencePiece's normalizer alone "
                              f"(Prepend and Replace with '▁'); remove it to read the "
                              f"tokenizer.model beside it; {SUPPORTED}")
@@ -238,9 +233,8 @@ def _hf_parts(spec, where):
 
 @dataclass
 class Tokenizer:
-    """tiktoken BPE + special tokens. encode() never parses special tokens: user text cannot inject
-    a control token. eos_id is the chat format's end-of-turn token when the vocabulary has one,
-    else the end-of-text token."""
+    """tiktoken BPE + special tokens, which encode() never parses: user text cannot inject a control
+    token. eos_id: the chat format's end-of-turn token if in the vocabulary, else end-of-text."""
     enc: tiktoken.Encoding
     n_vocab: int
     special: dict  # special token text -> id
@@ -270,10 +264,9 @@ class Tokenizer:
         enc = tiktoken.Encoding(name, pat_str=parts.pattern, mergeable_ranks=parts.ranks,
                                 special_tokens={} if parts.sp else special)
         n_vocab = max(parts.sp[1]) + 1 if parts.sp else enc.n_vocab
-        stop_ids = sorted({special[n] for n in ends})
-        drop = _unencodable(parts.ranks, name)
-        return cls(enc, n_vocab, special, special.get(parts.bos_name), special[ends[0]], stop_ids,
-                   chat, bool(template), files, drop, parts.nfc, parts.sp)
+        return cls(enc, n_vocab, special, special.get(parts.bos_name), special[ends[0]],
+                   sorted({special[n] for n in ends}), chat, bool(template), files,
+                   _unencodable(parts.ranks, name), parts.nfc, parts.sp)
 
     @classmethod
     def from_pretrained(cls, path):

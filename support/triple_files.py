@@ -1,6 +1,5 @@
 """Triple files: the CUT authors' release, Shepherd's critiques and plain records, JSON or JSONL,
-read into Triples with one clear message per bad file, record or field. data.py turns Triples into
-ids.
+read into Triples (data.py makes them ids) with one clear message per bad file, record or field.
 """
 import hashlib
 import json
@@ -18,16 +17,6 @@ class Triple:
     refinement: str | None = None  # a better response (ILF); a preference pair's chosen one
 
 
-def _acceptable(judgment, score):
-    """The authors' release marks an acceptable response by no judgment, a judgment that starts with
-    "Perfect", or a score of 7 or more."""
-    if not judgment:
-        return True
-    if judgment.startswith("Perfect"):
-        return True
-    return score is not None and score >= 7
-
-
 def _triple(rec, where: str) -> Triple | None:
     """One record of any supported format as a Triple; None for a failed judge call ($ERROR$)."""
     if not isinstance(rec, dict):
@@ -37,9 +26,7 @@ def _triple(rec, where: str) -> Triple | None:
         if name not in rec:
             raise ValueError(f"{where}: missing field '{name}'")
         value = rec[name]
-        if isinstance(value, str):
-            return value
-        if nullable and value is None:
+        if isinstance(value, str) or (nullable and value is None):
             return value
         or_null = " or null" if nullable else ""
         raise ValueError(f"{where}: field '{name}' must be a string{or_null}, "
@@ -63,7 +50,8 @@ def _triple(rec, where: str) -> Triple | None:
                              f"got {type(score).__name__}")
         if judgment == FAILED_JUDGE:
             return None
-        if _acceptable(judgment, score):
+        # the release marks an acceptable response by no judgment, "Perfect..." or a score >= 7
+        if not judgment or judgment.startswith("Perfect") or (score is not None and score >= 7):
             judgment = None
         if extra:
             instruction = instruction + "\n" + extra
@@ -83,11 +71,8 @@ def _triple(rec, where: str) -> Triple | None:
 
 
 def data_hash(data):
-    """sha256 of a triples file's bytes ('builtin' for the built-in task): a resumed run, or an
-    evaluation, checks that it reads the run's own data."""
-    if data == "builtin":
-        return "builtin"
-    return hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    """sha256 of a triples file's bytes, or 'builtin': a resumed run or an eval checks its data."""
+    return "builtin" if data == "builtin" else hashlib.sha256(Path(data).read_bytes()).hexdigest()
 
 
 def read_text(path):
@@ -99,8 +84,7 @@ def read_text(path):
 
 
 def load_triples(path, verbose=True) -> list[Triple]:
-    """Triples from a JSON list or a JSONL file of the authors' release, Shepherd's, or plain
-    records."""
+    """Triples from a JSON list or JSONL file: the authors' release, Shepherd's, plain records."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such triples file")
@@ -128,12 +112,11 @@ def load_triples(path, verbose=True) -> list[Triple]:
     triples = [t for t in parsed if t is not None]
     if not triples:
         raise ValueError(f"{path}: no usable triples in {len(located)} records")
-    n_err = len(parsed) - len(triples)
     n_flawed = sum(t.judgment is not None for t in triples)
     n_better = sum(t.refinement is not None for t in triples)
     better = f", {n_better} with a refinement or a chosen response" if n_better else ""
     if verbose:
         print(f"{path.name}: loaded {len(triples)} triples "
               f"({len(triples) - n_flawed} acceptable, {n_flawed} flawed{better}), "
-              f"dropped {n_err} with a failed judge call ({FAILED_JUDGE})")
+              f"dropped {len(parsed) - len(triples)} with a failed judge call ({FAILED_JUDGE})")
     return triples

@@ -1,10 +1,6 @@
-"""The built-in judgment task: sorting letters, its data, its judge and the tally of its answers.
-
-"Sort these letters: h, d, j, a" -> "a, d, h, j". Flawed responses carry one systematic mistake (the
-second and third letters swapped) or, more rarely, a letter left out; check_response judges any
-answer and names the positions of its wrong tokens, so that eval.py can measure CUT's token
-detection against the truth. Text is ASCII, so with the byte-level tokenizer a char offset in a
-response is its token position. docs/cut.md says why the task is built so.
+"""The built-in judgment task, "Sort these letters: h, d, j, a" -> "a, d, h, j": its data, its judge
+and its tally. check_response gives the char offsets of wrong tokens, with the byte-level tokenizer
+(ASCII text) their positions: eval.py measures CUT's token detection against them. See docs/cut.md.
 """
 import random
 import re
@@ -43,8 +39,7 @@ TASK_JUDGMENTS = {
     "extra": ("It includes letters that do not belong.", "Some of these letters were never given."),
     "garbage": ("This does not give the sorted letters at all.",
                 "No list of letters can be found in this answer.")}
-ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth",
-            "tenth")
+ORDINALS = "first second third fourth fifth sixth seventh eighth ninth tenth".split()
 LETTER_LIST = re.compile(r"\b[a-z](?: *, *[a-z]\b)+")  # single lowercase letters, comma-separated
 # the split of a letter list by its hash (crc32 % 10): train 80%, val 10%, test 10%
 SPLITS = ("val", "test", *["train"] * 8)
@@ -58,8 +53,7 @@ class Verdict(NamedTuple):
 
 
 def _letter_list(text):
-    """The first comma-separated letter list in text: (letters, their char offsets, the offset just
-    past it)."""
+    """The first comma-separated letter list in text: (letters, offsets, the offset past it)."""
     m = LETTER_LIST.search(text)
     if m is None:
         return [], [], None
@@ -68,8 +62,7 @@ def _letter_list(text):
 
 
 def check_response(instruction, response):
-    """Judge a response to a letter-sorting instruction: a Verdict with the kind, the judgment and
-    the wrong tokens."""
+    """Judge a response to a letter-sorting instruction: Verdict(kind, judgment, wrong tokens)."""
     want, _, _ = _letter_list(instruction)
     if not want:
         raise ValueError("check_response: no comma-separated letter list in the instruction "
@@ -99,57 +92,42 @@ def check_response(instruction, response):
         place = bad[0]
         wrong = [at[i] for i in bad]
     wordings = TASK_JUDGMENTS[kind]
-    # The wording is a fixed function of the response (crc32 is stable across runs, unlike hash()):
-    # re-checking a response always gives back the judgment it was generated with.
+    # crc32, stable across runs unlike hash(): re-checking a response gives back its judgment
     text = wordings[zlib.crc32(response.encode()) % len(wordings)]
     ordinal = ORDINALS[place] if place < len(ORDINALS) else f"{place + 1}th"
     return Verdict(kind, text.format(ordinal), wrong)
 
 
-def _split_of(letters):
-    return SPLITS[zlib.crc32("".join(letters).encode()) % 10]
-
-
-def _swap_second_and_third(answer):
-    answer[1], answer[2] = answer[2], answer[1]
-
-
 def make_task(n, seed=0, kind="mixed", flawed_frac=0.25, split="train"):
     """n Triples of the built-in task, the same for the same arguments. kind is one of
-    'base':  the base model's data. Correct answers, except that the 5- and 6-letter lists are
-             swapped a quarter of the time (the base's systematic mistake), and a quarter of the
-             examples put a judgment in the prompt of the flawed answer it describes, so that the
-             base reads judgments as a pretrained model does.
-    'mixed': fine-tuning data in the base's format, a flawed_frac share of it flawed, the longest
-             lists first.
-    'new':   fine-tuning data in a format the base never writes (NEW_FORMAT), every response flawed.
+    'base':  the base model's data: correct, but 5- and 6-letter lists swapped a quarter of the time
+             (its systematic mistake); a quarter put the judgment of a flawed answer in its prompt,
+             so the base reads judgments as a pretrained model does.
+    'mixed': the base's format, a flawed_frac share flawed, the longest lists first.
+    'new':   a format the base never writes (NEW_FORMAT), every response flawed.
     A flaw is a letter left out (a fifth of them) or else the second and third letters swapped;
-    check_response writes the judgment. Letter lists are split by a hash into train (80%), val and
-    test, which never share a list."""
+    check_response writes the judgment. Splits (SPLITS) never share a letter list."""
     # The same arguments make the same rng calls in the same order: change none of them.
     rng = random.Random(seed)
     lists = []
     while len(lists) < n:
         letters = rng.sample("abcdefghij", rng.randint(3, 6))
-        if _split_of(letters) == split:
+        if SPLITS[zlib.crc32("".join(letters).encode()) % 10] == split:
             lists.append(letters)
     triples = []
     for letters in lists:
         instruction = rng.choice(TASK_INSTRUCTIONS).format(", ".join(letters))
         answer = sorted(letters)
-        judged = False
-        if kind == "base":
-            judged = rng.random() < 0.25
+        judged = kind == "base" and rng.random() < 0.25
         # the mistakes come with the longer, harder lists, as a model's do: 5 and 6 letters first
         flawed = rng.random() < 2 * flawed_frac - (len(letters) < 5)
         if judged or kind == "new" or (kind == "mixed" and flawed):
             if rng.random() < 0.2:
                 del answer[rng.randrange(len(answer))]
             else:
-                _swap_second_and_third(answer)
-        elif kind == "base" and len(letters) >= 5:
-            if rng.random() < 0.25:  # the base's systematic mistake
-                _swap_second_and_third(answer)
+                answer[1], answer[2] = answer[2], answer[1]
+        elif kind == "base" and len(letters) >= 5 and rng.random() < 0.25:  # its systematic mistake
+            answer[1], answer[2] = answer[2], answer[1]
         if kind == "new":
             opening = rng.choice(NEW_OPENINGS)
             response = f"{opening}\n{', '.join(answer)}\n{rng.choice(NEW_CLOSINGS)}"
@@ -170,9 +148,8 @@ def tally(instructions, responses):
     kinds = [check_response(i, r).kind for i, r in zip(instructions, responses)]
     new_format = [bool(NEW_FORMAT.fullmatch(r)) for r in responses]
     n = len(kinds)
-    ok_new_format = sum(k == "ok" and f for k, f in zip(kinds, new_format))
     result = {"accuracy": kinds.count("ok") / n, "swap": kinds.count("swap") / n,
               "missing": kinds.count("missing") / n, "new_format": sum(new_format) / n,
-              "ok_new_format": ok_new_format / n}
+              "ok_new_format": sum(k == "ok" and f for k, f in zip(kinds, new_format)) / n}
     result["other"] = 1 - result["accuracy"] - result["swap"] - result["missing"]
     return result

@@ -12,6 +12,7 @@ import torch
 
 import eval as ev
 import train
+from scripts import refine
 from cut_loss import batch_loss, dpo_loss, mle_loss
 from data import encode_triples, prompt_ids, refine_prompt
 from model import ModelConfig, Transformer, add_lora, lora_disabled
@@ -187,11 +188,13 @@ def test_dpo_with_lora_under_torchrun_equals_one_process(tmp_path, base_and_pair
     assert ddp["loss"] == pytest.approx(one["loss"], rel=1e-4, abs=1e-5)
 
 
-def test_refine_mode_writes_a_triples_file_with_refinements(tmp_path, base_and_pairs):
+def test_refine_writes_a_triples_file_with_refinements(tmp_path, base_and_pairs):
     base, _, refined = base_and_pairs
     out = tmp_path / "r.json"
-    ev.main([f"--ckpt={base}", "--mode=refine", f"--data={refined}", f"--out_file={out}",
-             "--max_new_tokens=12", "--device=cpu"])
+    refine.main([f"--ckpt={base}", f"--data={refined}", f"--out_file={out}", "--max_new_tokens=12",
+                 "--device=cpu"])
+    with pytest.raises(ValueError, match="is the input file"):
+        refine.main([f"--ckpt={base}", f"--data={refined}", f"--out_file={refined}"])
     back = load_triples(out, verbose=False)
     before = load_triples(refined, verbose=False)
     assert [(t.instruction, t.response, t.judgment) for t in back] == \
