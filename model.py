@@ -166,11 +166,11 @@ class Transformer(nn.Module):
         positions: log p(target) (n,) at the trained positions instead, in row-major order, the
         lm_head and log-softmax LOGIT_CHUNK positions at a time, each block recomputed in backward:
         the (n, vocab) fp32 logits never exist at once."""
-        h = self.model.norm(self.hidden(idx))
+        h = self.hidden(idx)
         if targets is None:
-            return self.lm_head(h)
+            return self.lm_head(self.model.norm(h))
         trained = targets != -100
-        h = h[trained]  # prompt and padding positions never reach the lm_head
+        h = self.model.norm(h[trained])  # prompt and padding positions never reach the lm_head
         blocks = zip(h.split(LOGIT_CHUNK), targets[trained].split(LOGIT_CHUNK))
         logps = [checkpoint(self._token_logp, h, t, use_reentrant=False) for h, t in blocks]
         return torch.cat(logps)
