@@ -69,3 +69,13 @@ def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
     stamp = eval_file.stat().st_mtime
     assert online.main(args)["rounds"] == summary["rounds"]  # finished steps are reused
     assert eval_file.stat().st_mtime == stamp
+
+
+def test_refine_base_teaches_refining_with_correct_answers():
+    from data import refine_prompt
+    from scripts import refine_base
+    flawed = letters.make_task(20, seed=5, kind="mixed", flawed_frac=1.0, split="train")
+    examples = refine_base.refine_examples(20, seed=5, split="train")
+    assert [e.instruction for e in examples] == [refine_prompt(t) for t in flawed]
+    for t, e in zip(flawed, examples):
+        assert e.judgment is None and letters.check_response(t.instruction, e.response).kind == "ok"
