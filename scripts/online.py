@@ -150,9 +150,10 @@ def round_data(c, samples, judgments, round_dir, model_dir):
 def one_round(c, r, model_dir, root):
     """Round r from the model in model_dir: its record, and the directory of its model."""
     round_dir = root / f"round{r}"
-    record_file = round_dir / "record.json"
+    record_file = round_dir / f"record_{c.split}.json"  # a round trains once, evaluates per split
     if record_file.is_file():
-        return json.loads(record_file.read_text()), round_dir / "model"
+        record = json.loads(record_file.read_text())
+        return record, Path(record["model"])
     start = time.time()
     round_dir.mkdir(parents=True, exist_ok=True)
     per_prompt = 2 if c.method == "dpo" else 1
@@ -184,7 +185,8 @@ def one_round(c, r, model_dir, root):
         record["train_frac_unlikely"] = json.loads(log[-1])["frac_unlikely"]
     else:
         print(f"round {r}: nothing for {c.method} to train on; the model stays as it was")
-    record.update(evaluate(c, model_dir, round_dir), wall_s=round(time.time() - start, 1))
+    record.update(evaluate(c, model_dir, round_dir), model=str(model_dir),
+                  wall_s=round(time.time() - start, 1))
     record_file.write_text(json.dumps(record, indent=1))
     return record, model_dir
 

@@ -1,0 +1,105 @@
+"""Every method through the online loop, each at a learning rate chosen on validation, over seeds.
+
+    python -m scripts.refine_base                # out/refine-base/base: a base that can also refine
+    python -m scripts.online_compare --jobs=2        # out/online-compare/compare.{json,md}
+
+For each method: 3 rounds of scripts.online from the same base at each learning rate of its grid
+(seed 1, judged on the validation instructions); the rate whose last round is most accurate is
+chosen (ties: the smaller rate); then `seeds` runs at that rate are judged on the test instructions
+(seed 1's run is the grid's, evaluated again). Every method has the same judge calls per round. Each
+finished round is reused when the command runs again.
+This is an experiment driver: it runs scripts.online, which runs train.py and eval.py.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from support.settings import configure, run_program
+
+HERE = Path(__file__).resolve().parents[1]  # the repository
+
+
+@dataclass
+class Config:
+    base: str = "out/refine-base/base"  # every method starts from it (ILF needs it to refine)
+    out_dir: str = "out/online-compare"
+    methods: str = "cut,sft,sft_all,hindsight,forward,ilf_mle,ilf_dpo,dpo"
+    lrs: str = "1e-4,3e-4"        # the grid of every method but the DPO ones
+    dpo_lrs: str = "1e-6,1e-5"    # dpo and ilf_dpo: DPO wants far smaller rates
+    rounds: int = 3
+    seeds: int = 3
+    jobs: int = 1                 # scripts.online processes at once
+
+
+def online(c, method, lr, seed, split):
+    """One scripts.online run (resumed if it ran before): its summary."""
+    out = Path(c.out_dir) / f"{method}-lr{lr}-s{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [f"--base={c.base}", f"--out_dir={out}", f"--method={method}", f"--learning_rate={lr}",
+            f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
+    with open(out / f"online_{split}.log", "a") as log:
+        subprocess.run([sys.executable, "-m", "scripts.online", *argv], cwd=HERE, check=True,
+                       stdout=log, stderr=log, env=env)
+    return json.loads((out / "online.json").read_text())
+
+
+def compare(c):
+    methods = c.methods.split(",")
+    grid = []
+    for m in methods:
+        rates = c.dpo_lrs if m in ("dpo", "ilf_dpo") else c.lrs
+        grid += [(m, float(lr)) for lr in rates.split(",")]
+    with ThreadPoolExecutor(c.jobs) as pool:
+        val = dict(zip(grid, pool.map(lambda g: online(c, g[0], g[1], 1, "val"), grid)))
+    chosen = {}
+    for (m, lr), summary in val.items():
+        last = summary["rounds"][-1]["accuracy"]
+        if m not in chosen or last > chosen[m][1]:
+            chosen[m] = (lr, last)
+    runs = [(m, chosen[m][0], s) for m in methods for s in range(1, c.seeds + 1)]
+    with ThreadPoolExecutor(c.jobs) as pool:
+        test = list(pool.map(lambda r: online(c, r[0], r[1], r[2], "test"), runs))
+    rows = []
+    for m in methods:
+        summaries = [t for (mm, _, _), t in zip(runs, test) if mm == m]
+        per_round = list(zip(*[[r["accuracy"] for r in s["rounds"]] for s in summaries]))
+        rows.append(dict(method=m, lr=chosen[m][0], val=chosen[m][1],
+                         test=[statistics.mean(a) for a in per_round],
+                         test_min=[min(a) for a in per_round], test_max=[max(a) for a in per_round],
+                         swap=[statistics.mean(r["swap"] for r in rs)
+                               for rs in zip(*[s["rounds"] for s in summaries])]))
+    return rows
+
+
+def markdown(rows):
+    lines = ["| method | lr (val) | test accuracy, rounds 0..R: mean (min-max over seeds) | swap |",
+             "| --- | --- | --- | --- |"]
+    for r in rows:
+        acc = " / ".join(f"{m:.3f} ({lo:.2f}-{hi:.2f})"
+                         for m, lo, hi in zip(r["test"], r["test_min"], r["test_max"]))
+        swap = " / ".join(f"{v:.3f}" for v in r["swap"])
+        lines.append(f"| `{r['method']}` | {r['lr']:g} ({r['val']:.3f}) | {acc} | {swap} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    c = configure(Config(), argv)
+    if not Path(c.base, "config.json").is_file():
+        raise FileNotFoundError(f"base {c.base}: no checkpoint; python -m scripts.refine_base "
+                                "makes it")
+    rows = compare(c)
+    root = Path(c.out_dir)
+    (root / "compare.json").write_text(json.dumps(dict(config=asdict(c), rows=rows), indent=1))
+    (root / "compare.md").write_text(markdown(rows))
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    run_program(main)
