@@ -64,6 +64,7 @@ def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
         assert data == pairs
     assert record["trained"] == bool(data)
     model = tmp_path / "round1" / "model" if data else base  # nothing to train on: the model stays
+    assert record["model"] == str(model)
     eval_file = model / "eval_test.json"
     assert record["accuracy"] == json.loads(eval_file.read_text())["rows"][-1]["accuracy"]
     stamp = eval_file.stat().st_mtime
@@ -79,3 +80,24 @@ def test_refine_base_teaches_refining_with_correct_answers():
     assert [e.instruction for e in examples] == [refine_prompt(t) for t in flawed]
     for t, e in zip(flawed, examples):
         assert e.judgment is None and letters.check_response(t.instruction, e.response).kind == "ok"
+
+
+def test_online_compare_chooses_each_method_rate_on_validation(monkeypatch, tmp_path):
+    from scripts import online_compare
+    # made-up last-round validation accuracies; test accuracies that tell seeds apart
+    val = {("cut", 1e-4): 0.5, ("cut", 3e-4): 0.6, ("dpo", 1e-6): 0.4, ("dpo", 1e-5): 0.4}
+    calls = []
+
+    def fake(c, method, lr, seed, split):
+        calls.append((method, lr, seed, split))
+        acc = val[(method, lr)] if split == "val" else 0.1 * seed
+        return {"rounds": [{"accuracy": 0.3, "swap": 0.0}, {"accuracy": acc, "swap": 0.1}]}
+    monkeypatch.setattr(online_compare, "online", fake)
+    c = online_compare.Config(out_dir=str(tmp_path), methods="cut,dpo", seeds=3)
+    rows = online_compare.compare(c)
+    assert [(r["method"], r["lr"]) for r in rows] == [("cut", 3e-4), ("dpo", 1e-6)]  # ties: smaller
+    assert rows[0]["test"] == pytest.approx([0.3, 0.2]) and rows[0]["test_max"] == pytest.approx([0.3, 0.3])
+    assert sorted(k for k in calls if k[3] == "test") == \
+        [("cut", 3e-4, s, "test") for s in (1, 2, 3)] + [("dpo", 1e-6, s, "test") for s in (1, 2, 3)]
+    assert "| `cut` | 0.0003 (0.600) | 0.300 (0.30-0.30) / 0.200 (0.10-0.30) | 0.000 / 0.100 |" in \
+        online_compare.markdown(rows)
