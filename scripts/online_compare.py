@@ -1,7 +1,7 @@
 """Every method through the online loop, each at a learning rate chosen on validation, over seeds.
 
     python -m scripts.refine_base                # out/refine-base/base: a base that can also refine
-    python -m scripts.online_compare --jobs=2        # out/online-compare/compare.{json,md}
+    python -m scripts.online_compare --jobs=2    # out/online-compare/compare.{json,md}, online.svg
 
 For each method: 3 rounds of scripts.online from the same base at each learning rate of its grid
 (seed 1, judged on the validation instructions); the rate whose last round is most accurate is
@@ -88,6 +88,30 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+def svg(rows):
+    """Test accuracy against rounds, one line per method (the mean over seeds)."""
+    colors = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2",
+              "#111111"]
+    n = len(rows[0]["test"])
+    px = lambda k: 50 + 300 * k / (n - 1)
+    py = lambda v: 230 - 200 * v
+    parts = ['<text x="4" y="14">test accuracy against online rounds (mean over seeds), each '
+             'method at its validation-chosen learning rate</text>',
+             '<line x1="50" x2="50" y1="30" y2="230" stroke="black"/>',
+             '<line x1="50" x2="350" y1="230" y2="230" stroke="black"/>']
+    parts += [f'<text x="{px(k):.1f}" y="244" text-anchor="middle">{k}</text>' for k in range(n)]
+    parts += [f'<text x="44" y="{py(v) + 4:.1f}" text-anchor="end">{v:.1f}</text>'
+              for v in (0, .5, 1)]
+    for i, r in enumerate(rows):
+        pts = " ".join(f"{px(k):.1f},{py(v):.1f}" for k, v in enumerate(r["test"]))
+        color = colors[i % len(colors)]
+        parts += [f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="2"/>',
+                  f'<text x="360" y="{40 + 14 * i}" fill="{color}">{r["method"]}</text>']
+    return ('<svg xmlns="http://www.w3.org/2000/svg" width="460" height="255" '
+            'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" '
+            f'fill="white"/>{"".join(parts)}</svg>\n')
+
+
 def main(argv):
     c = configure(Config(), argv)
     if not Path(c.base, "config.json").is_file():
@@ -97,6 +121,7 @@ def main(argv):
     root = Path(c.out_dir)
     (root / "compare.json").write_text(json.dumps(dict(config=asdict(c), rows=rows), indent=1))
     (root / "compare.md").write_text(markdown(rows))
+    (root / "online.svg").write_text(svg(rows))
     print(markdown(rows))
     return rows
 

@@ -101,3 +101,4 @@ def test_online_compare_chooses_each_method_rate_on_validation(monkeypatch, tmp_
         [("cut", 3e-4, s, "test") for s in (1, 2, 3)] + [("dpo", 1e-6, s, "test") for s in (1, 2, 3)]
     assert "| `cut` | 0.0003 (0.600) | 0.300 (0.30-0.30) / 0.200 (0.10-0.30) | 0.000 / 0.100 |" in \
         online_compare.markdown(rows)
+    assert online_compare.svg(rows).count("<polyline") == 2
