@@ -173,10 +173,13 @@ def test_dpo_needs_a_reference_and_no_fsdp(tmp_path, base_and_pairs):
                     f"--init_from={base_and_pairs[0]}"])
 
 
-def test_dpo_with_lora_under_torchrun_equals_one_process(tmp_path, base_and_pairs):
-    base, pairs, _ = base_and_pairs
-    args = [*TINY, f"--init_from={base}", f"--data={pairs}", "--loss=dpo", "--lora_rank=4",
-            "--lora_alpha=8.0", "--max_iters=3", "--gradient_accumulation_steps=2"]
+@pytest.mark.parametrize("loss, data, lora", [("dpo", "pairs", True), ("ilf_dpo", "refined", False),
+                                              ("ilf_mle", "refined", False)])
+def test_under_torchrun_equals_one_process(tmp_path, base_and_pairs, loss, data, lora):
+    base, pairs, refined = base_and_pairs
+    file = pairs if data == "pairs" else refined
+    args = [*TINY, f"--init_from={base}", f"--data={file}", f"--loss={loss}", "--max_iters=3",
+            "--gradient_accumulation_steps=2", *(["--lora_rank=4", "--lora_alpha=8.0"] if lora else [])]
     env = dict(train.os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
