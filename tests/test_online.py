@@ -102,3 +102,15 @@ def test_online_compare_chooses_each_method_rate_on_validation(monkeypatch, tmp_
     assert "| `cut` | 0.0003 (0.600) | 0.300 (0.30-0.30) / 0.200 (0.10-0.30) | 0.000 / 0.100 |" in \
         online_compare.markdown(rows)
     assert online_compare.svg(rows).count("<polyline") == 2
+
+
+def test_downsample_keeps_acceptable_triples_at_a_share_of_the_flawed(tmp_path):
+    samples = [(f"Sort these letters: b, a{i}", "x") for i in range(12)]
+    judgments = [None] * 8 + ["Wrong."] * 4
+    c = online.Config(downsample=0.5, method="cut")
+    data = online.round_data(c, samples, judgments, tmp_path, tmp_path)
+    kept = [json.loads(line) for line in data.read_text().splitlines()]
+    assert sum(t["judgment"] is not None for t in kept) == 4  # every flawed triple
+    assert sum(t["judgment"] is None for t in kept) == 2      # 0.5 x 4 acceptable ones, at random
+    all_kept = online.round_data(online.Config(method="cut"), samples, judgments, tmp_path, tmp_path)
+    assert len(all_kept.read_text().splitlines()) == 12
