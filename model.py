@@ -231,8 +231,8 @@ class Transformer(nn.Module):
         if pad is not None and not pad.any():
             pad = None  # equal lengths: plain causal attention
         shape = (B, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
-        for layer in self.model.layers:  # (k, v) in the weights' dtype and device
-            weight = self.lm_head.weight
+        weight = self.lm_head.weight  # (k, v) in the weights' dtype and device
+        for layer in self.model.layers:
             layer.self_attn.cache = (weight.new_zeros(shape), weight.new_zeros(shape))
         stop = torch.tensor(stop_ids or [], dtype=torch.long, device=idx.device)
         out = torch.cat([idx, idx.new_zeros(B, max_len - T)], dim=1)

@@ -67,7 +67,10 @@ def run(log_dir, *argv):
     with open(log_dir / "commands.log", "a") as log:
         log.write(" ".join(argv) + "\n")
         log.flush()
-        subprocess.run([sys.executable, *argv], cwd=HERE, check=True, stdout=log, stderr=log)
+        done = subprocess.run([sys.executable, *argv], cwd=HERE, stdout=log, stderr=log)
+    if done.returncode:  # one line for the user, the program's own message in the log
+        raise ValueError(f"{' '.join(argv[:2])} failed (exit {done.returncode}); its output is in "
+                         f"{log_dir / 'commands.log'}")
 
 
 def task_judge(instruction, response):

@@ -114,3 +114,9 @@ def test_downsample_keeps_acceptable_triples_at_a_share_of_the_flawed(tmp_path):
     assert sum(t["judgment"] is None for t in kept) == 2      # 0.5 x 4 acceptable ones, at random
     all_kept = online.round_data(online.Config(method="cut"), samples, judgments, tmp_path, tmp_path)
     assert len(all_kept.read_text().splitlines()) == 12
+
+
+def test_a_failed_step_is_one_line_naming_its_log(tmp_path):
+    with pytest.raises(ValueError, match=r"^train.py --loss=kto failed \(exit 2\); its output is in .*commands.log$"):
+        online.run(tmp_path, "train.py", "--loss=kto")
+    assert "config key 'loss'" in (tmp_path / "commands.log").read_text()
