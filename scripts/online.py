@@ -4,10 +4,16 @@
     python -m scripts.online                          # 3 rounds of CUT from out/base (out/online)
     python -m scripts.online --method=dpo --rounds=5 --out_dir=out/online-dpo
     python -m scripts.online --judge=file ...         # a person or GPT-4 writes the judgments
+    python -m scripts.online --task=ifeval --base=SmolLM2-135M-Instruct \
+        --instructions=alpaca.json,shepherd.jsonl --ifeval=input_data.jsonl   # a real model, IFEval
 
 Each round samples a response (at a temperature) to fresh instructions from the current model,
 judges each, trains the method under test from the current model on the round's data, evaluates the
-result on the held-out instructions, and goes on from it. A judge is a function (instruction,
+result on the held-out instructions, and goes on from it. The task is the built-in one (letters,
+judged by its checker, evaluated by eval.py) or IFEval's verifiable instructions (tasks/ifeval.py):
+instructions of other files given one to three IFEval-style constraints, judged by the constraint
+checkers in words, the model evaluated by IFEval's four scores on its 541 prompts (split 'test')
+or on held-out constrained instructions (split 'val'). A judge is a function (instruction,
 response) -> judgment, or None for an acceptable response: the built-in task's checker, or a file
 judge, which writes the round's {instruction, response} records to ROUND/to_judge.jsonl, stops, and
 goes on when ROUND/judged.jsonl holds the same records with a `judgment` field. Every method gets
@@ -34,7 +40,7 @@ import eval as ev
 from data import LOSS_MODES
 from support.settings import configure, run_program
 from support.triple_files import read_text
-from tasks import letters
+from tasks import ifeval, letters
 
 HERE = Path(__file__).resolve().parents[1]  # the repository
 
@@ -43,6 +49,9 @@ HERE = Path(__file__).resolve().parents[1]  # the repository
 class Config:
     base: str = "out/base"        # the model of round 0
     out_dir: str = "out/online"
+    task: str = "letters"         # 'letters' (the built-in task) or 'ifeval'
+    instructions: str = ""        # ifeval: files of instructions to constrain, comma-separated
+    ifeval: str = ""              # ifeval: IFEval's input_data.jsonl, the test prompts
     method: str = "cut"           # a train.py loss: cut, sft (rejection sampling), dpo, ilf_mle
     judge: str = "task"           # 'task': the built-in task's checker; 'file': ROUND/judged.jsonl
     rounds: int = 3
@@ -53,12 +62,18 @@ class Config:
     learning_rate: float = 3e-4
     lam: float = 2.0
     split: str = "test"           # the evaluation's instructions: 'val' to choose settings, 'test'
-    n_eval: int = 300
+    n_eval: int = 300             # letters: test instructions; ifeval: the val split's size
+    max_new_tokens: int = 96      # per sampled or evaluated response
+    batch_size: int = 64          # prompts per generation batch
+    device: str = "cpu"
     seed: int = 1
     train_args: str = ""          # more train.py flags for every round, e.g. "--lora_rank=16"
 
 
-CHOICES = {"method": LOSS_MODES, "judge": ("task", "file"), "split": ("val", "test")}
+CHOICES = {"method": LOSS_MODES, "task": ("letters", "ifeval"), "judge": ("task", "file"),
+           "split": ("val", "test")}
+HEADLINE = {"letters": ("accuracy", "swap"),
+            "ifeval": ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose")}
 
 
 def run(log_dir, *argv):
@@ -73,8 +88,50 @@ def run(log_dir, *argv):
                          f"{log_dir / 'commands.log'}")
 
 
-def task_judge(instruction, response):
+def read_instructions(paths):
+    """The distinct instructions of JSON lists of {instruction, input} (Alpaca's layout, the
+    authors' online file) and JSON Lines of {question} (Shepherd's), up to 1,000 characters."""
+    found = []
+    for path in paths.split(","):
+        text = read_text(path)
+        try:
+            if path.endswith(".jsonl"):
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+                found += [str(row["question"]) for row in rows]
+            else:
+                found += [f"{r['instruction']}\n\n{r['input']}".strip() for r in json.loads(text)]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a JSON list of {{instruction, input}} nor JSON Lines of "
+                             f"{{question}} ({e!r})") from None
+    return sorted({i for i in found if 0 < len(i) <= 1000})
+
+
+def constrained(c, split, n, seed):
+    """n instructions of the split (the last 200 of a fixed shuffle are 'val'), each given one to
+    three constraints drawn at random: IFEval-format records."""
+    pool = read_instructions(c.instructions)
+    random.Random(0).shuffle(pool)
+    pool = pool[-200:] if split == "val" else pool[:-200]
+    rng = random.Random(seed)
+    return [ifeval.add_constraints(i, rng, rng.randint(1, 3)) for i in rng.sample(pool, n)]
+
+
+def letters_judge(instruction, response):
     return letters.check_response(instruction, response).judgment
+
+
+def fresh_prompts(c, r, n):
+    """Round r's n instructions, and the judge of a response to each: (instruction, response) ->
+    judgment or None."""
+    if c.task == "letters":
+        fresh = letters.make_task(n, seed=c.seed * 1000 + r, kind="mixed", split="train")
+        return [t.instruction for t in fresh], letters_judge
+    records = {rec["prompt"]: rec for rec in constrained(c, "train", n, c.seed * 1000 + r)}
+
+    def judge(prompt, response):
+        rec = records[prompt]
+        return ifeval.judge(prompt, rec["instruction_id_list"], rec["kwargs"], response)
+    return list(records), judge
 
 
 def file_judge(round_dir, samples):
@@ -108,16 +165,20 @@ def file_judge(round_dir, samples):
     return judgments
 
 
+def generate(c, model_dir, instructions, temperature):
+    """The response of the model in model_dir to each instruction (batched, as eval.py does)."""
+    settings = ev.Config(ckpt=str(model_dir), batch_size=c.batch_size, device=c.device)
+    model, tok, chat = ev.load(model_dir, settings)
+    return ev.generate_responses(model, tok, chat, instructions, settings, temperature,
+                                 c.max_new_tokens)
+
+
 def sample(c, model_dir, instructions, round_dir):
     """Each instruction's response from the model in model_dir, sampled, saved in the round."""
     out = round_dir / "samples.json"
     if not out.is_file():
-        settings = ev.Config(ckpt=str(model_dir), temperature=c.temperature, seed=c.seed,
-                             batch_size=64, device="cpu")
-        model, tok, chat = ev.load(model_dir, settings)
         torch.manual_seed(c.seed * 1000 + int(round_dir.name.removeprefix("round")))
-        responses = ev.generate_responses(model, tok, chat, instructions, settings, c.temperature,
-                                          96)
+        responses = generate(c, model_dir, instructions, c.temperature)
         out.write_text(json.dumps(list(zip(instructions, responses)), ensure_ascii=False))
     return [tuple(s) for s in json.loads(out.read_text())]
 
@@ -160,9 +221,8 @@ def one_round(c, r, model_dir, root):
     start = time.time()
     round_dir.mkdir(parents=True, exist_ok=True)
     per_prompt = 2 if c.method == "dpo" else 1
-    n = c.judge_calls // per_prompt
-    fresh = letters.make_task(n, seed=c.seed * 1000 + r, kind="mixed", split="train")
-    instructions = [t.instruction for t in fresh for _ in range(per_prompt)]
+    prompts, task_judge = fresh_prompts(c, r, c.judge_calls // per_prompt)
+    instructions = [p for p in prompts for _ in range(per_prompt)]
     samples = sample(c, model_dir, instructions, round_dir)
     if c.judge == "file":
         judgments = file_judge(round_dir, samples)
@@ -182,13 +242,14 @@ def one_round(c, r, model_dir, root):
                 f"--out_dir={round_dir / 'model'}", f"--loss={c.method}",
                 f"--max_iters={c.max_iters}", f"--learning_rate={c.learning_rate}",
                 f"--lam={c.lam}", f"--seed={c.seed}", "--eval_interval=1000", "--overwrite=True",
+                f"--device={c.device}",
                 *c.train_args.split())
         model_dir = round_dir / "model"
         log = (model_dir / "log.jsonl").read_text().splitlines()
         record["train_frac_unlikely"] = json.loads(log[-1])["frac_unlikely"]
     else:
         print(f"round {r}: nothing for {c.method} to train on; the model stays as it was")
-    record.update(evaluate(c, model_dir, round_dir), model=str(model_dir),
+    record.update(evaluate(c, model_dir, round_dir, round_dir), model=str(model_dir),
                   wall_s=round(time.time() - start, 1))
     record_file.write_text(json.dumps(record, indent=1))
     return record, model_dir
@@ -208,42 +269,64 @@ def has_examples(method, data):
     return bool(records)
 
 
-def evaluate(c, model_dir, log_dir):
-    """The task evaluation of the model: accuracy, the judged flaw's rate and U's health."""
+def evaluate(c, model_dir, log_dir, round_dir):
+    """The task evaluation of the model. Letters: accuracy, the judged flaw's rate and U's health,
+    by eval.py, saved beside the model. IFEval: its four scores, saved in the round's directory."""
+    if c.task == "ifeval":
+        return ifeval_scores(c, model_dir, round_dir / f"ifeval_{c.split}.json")
     out = model_dir / f"eval_{c.split}.json"
     if not out.is_file():
         run(log_dir, "eval.py", f"--ckpt={model_dir}", f"--split={c.split}",
-            f"--n_eval={c.n_eval}", f"--lam={c.lam}", f"--out_file={out}", "--device=cpu")
+            f"--n_eval={c.n_eval}", f"--lam={c.lam}", f"--out_file={out}", f"--device={c.device}")
     row = json.loads(out.read_text())["rows"][-1]
     keys = ("accuracy", "swap", "missing", "other", "U_precision", "U_recall", "frac_unlikely")
     return {k: row[k] for k in keys}
 
 
+def ifeval_scores(c, model_dir, out):
+    """IFEval's four scores of the model's greedy responses: to IFEval's prompts (split 'test') or
+    to n_eval held-out constrained instructions ('val'); the responses are saved with them."""
+    if not out.is_file():
+        if c.split == "test":
+            records = ifeval.read_prompts(c.ifeval)
+        else:
+            records = constrained(c, "val", c.n_eval, seed=0)
+        responses = generate(c, model_dir, [rec["prompt"] for rec in records], 0)
+        scores = ifeval.score(records, responses)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(scores, responses=responses), indent=1, ensure_ascii=False))
+    scores = json.loads(out.read_text())
+    return {k: scores[k] for k in HEADLINE["ifeval"]}
+
+
 def main(argv):
     c = configure(Config(), argv, CHOICES)
+    if c.task == "ifeval" and not (c.instructions and c.ifeval):
+        raise ValueError("task 'ifeval' needs --instructions=FILES (instructions to constrain) "
+                         "and --ifeval=FILE (IFEval's input_data.jsonl)")
     if not Path(c.base, "config.json").is_file():
         raise FileNotFoundError(f"base {c.base}: no checkpoint; `python train.py` makes out/base")
     root = Path(c.out_dir)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(asdict(c), indent=1))
     start = time.time()
-    base_eval = evaluate(c, Path(c.base), root)
-    records = [dict(round=0, **base_eval)]
-    print(f"round 0 (the base): accuracy {base_eval['accuracy']:.3f}, swap {base_eval['swap']:.3f}",
-          flush=True)
+    records = [dict(round=0, **evaluate(c, Path(c.base), root, root / "round0"))]
+    print(f"round 0 (the base): {headline(c, records[0])}", flush=True)
     model_dir = Path(c.base)
     for r in range(1, c.rounds + 1):
         record, model_dir = one_round(c, r, model_dir, root)
         records.append(record)
-        print(f"round {r}: accuracy {record['accuracy']:.3f}, swap {record['swap']:.3f}, "
-              f"sampled flawed {record['flawed_share']:.3f}, U precision "
-              f"{record['U_precision'] or 0:.2f} recall {record['U_recall']:.2f}, training "
-              f"frac_unlikely {record['train_frac_unlikely'] or 0:.3f} ({record['wall_s']:.0f} s)",
-              flush=True)
+        print(f"round {r}: {headline(c, record)}, sampled flawed {record['flawed_share']:.3f}, "
+              f"training frac_unlikely {record['train_frac_unlikely'] or 0:.3f} "
+              f"({record['wall_s']:.0f} s)", flush=True)
     summary = dict(config=asdict(c), rounds=records, wall_s=round(time.time() - start, 1))
     (root / "online.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {root / 'online.json'} ({summary['wall_s']:.0f} s)")
     return summary
+
+
+def headline(c, record):
+    return ", ".join(f"{k} {record[k]:.3f}" for k in HEADLINE[c.task])
 
 
 if __name__ == "__main__":
