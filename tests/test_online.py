@@ -3,6 +3,7 @@ and one round of each kind of method end to end on a tiny base, resumed without 
 import json
 
 import pytest
+import torch
 
 import train
 from scripts import online
@@ -120,3 +121,74 @@ def test_a_failed_step_is_one_line_naming_its_log(tmp_path):
     with pytest.raises(ValueError, match=r"^train.py --loss=kto failed \(exit 2\); its output is in .*commands.log$"):
         online.run(tmp_path, "train.py", "--loss=kto")
     assert "config key 'loss'" in (tmp_path / "commands.log").read_text()
+
+
+def test_ifeval_round_end_to_end_as_the_gpu_command_runs_it(tmp_path):
+    """The README's GPU command (task ifeval, LoRA, IFEval's scores each round) on a tiny random
+    model on CPU: the round's judgments are the IFEval checkers', its scores those of ifeval.score
+    on the saved responses, and a second call reuses every step."""
+    from model import ModelConfig, Transformer
+    from support.tokenizer import Tokenizer
+    from scripts import ifeval_u
+    from tasks import ifeval
+    torch.manual_seed(0)
+    tok = Tokenizer.byte_level()
+    base = tmp_path / "base"
+    Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=64,
+                            max_seq_len=512, vocab_size=tok.n_vocab)).save_pretrained(base)
+    tok.save(base)
+    alpaca = [{"instruction": f"Describe the number {i}.", "input": ""} for i in range(230)]
+    shepherd = [{"question": "What is 2 + 2?"}, {"question": "x" * 1001}]  # too long: left out
+    (tmp_path / "a.json").write_text(json.dumps(alpaca))
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(q) + "\n" for q in shepherd))
+    tests = [{"key": 1, "prompt": "Say hi. Do not use any commas.",
+              "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]},
+             {"key": 2, "prompt": "Say hi in lowercase.",
+              "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}]
+    (tmp_path / "if.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tests))
+    args = [f"--base={base}", f"--out_dir={tmp_path / 'run'}", "--task=ifeval",
+            f"--instructions={tmp_path / 'a.json'},{tmp_path / 's.jsonl'}",
+            f"--ifeval={tmp_path / 'if.jsonl'}", "--rounds=1", "--judge_calls=8",
+            "--max_new_tokens=12", "--temperature=0.7", "--max_iters=2", "--device=cpu",
+            "--train_args=--lora_rank=4 --batch_size=4 --max_len=256 --val_frac=0.25"]
+    summary = online.main(args)
+    assert len(online.read_instructions(f"{tmp_path / 'a.json'},{tmp_path / 's.jsonl'}")) == 231
+    round1 = tmp_path / "run" / "round1"
+    data = [json.loads(line) for line in (round1 / "data.jsonl").read_text().splitlines()]
+    records = {r["prompt"]: r for r in online.constrained(
+        online.configure(online.Config(), args), "train", 8, 1000 + 1)}
+    assert [d["instruction"] for d in data] == list(records)
+    for d in data:
+        rec = records[d["instruction"]]
+        assert d["judgment"] == ifeval.judge(d["instruction"], rec["instruction_id_list"],
+                                             rec["kwargs"], d["response"])
+    saved = json.loads((round1 / "ifeval_test.json").read_text())
+    expected = ifeval.score(ifeval.read_prompts(tmp_path / "if.jsonl"), saved["responses"])
+    for r in (0, 1):
+        record = summary["rounds"][r]
+        scores = json.loads((tmp_path / "run" / f"round{r}" / "ifeval_test.json").read_text())
+        assert {k: record[k] for k in online.HEADLINE["ifeval"]} == \
+            {k: scores[k] for k in online.HEADLINE["ifeval"]}
+    assert {k: summary["rounds"][1][k] for k in online.HEADLINE["ifeval"]} == \
+        {k: expected[k] for k in online.HEADLINE["ifeval"]}
+    assert (round1 / "model" / "train_state.pt").is_file()
+    stamp = (round1 / "ifeval_test.json").stat().st_mtime
+    assert online.main(args)["rounds"] == summary["rounds"]
+    assert (round1 / "ifeval_test.json").stat().st_mtime == stamp
+    u = ifeval_u.measure(ifeval_u.Config(run=str(tmp_path / "run"), round=1, batch_size=4))
+    flawed = [d for d in data if d["judgment"]]
+    assert u["flawed"] == len(flawed) and u["scored"] == len(flawed)
+    assert 0 <= u["frac_unlikely"] <= 1 and sum(u["broken"].values()) >= len(flawed)
+    with pytest.raises(ValueError, match="task 'ifeval' needs --instructions"):
+        online.main([f"--base={base}", "--task=ifeval", f"--out_dir={tmp_path / 'x'}"])
+
+
+def test_ifeval_u_points_at_the_characters_that_break_a_constraint():
+    from scripts.ifeval_u import flaw_offsets
+    assert flaw_offsets("punctuation:no_comma", {}, "a, b, c") == [1, 4]
+    assert flaw_offsets("change_case:english_lowercase", {}, "aBc D") == [1, 4]
+    assert flaw_offsets("change_case:english_capital", {}, "ABc") == [2]
+    assert flaw_offsets("keywords:forbidden_words", {"forbidden_words": ["cat"]},
+                        "A Cat, a cathedral.") == [2, 3, 4]  # whole words only
+    assert flaw_offsets("length_constraints:number_words", {"num_words": 5,
+                                                            "relation": "at least"}, "a b") is None
