@@ -88,15 +88,16 @@ def markdown(rows):
     return "\n".join(lines) + "\n"
 
 
-def svg(rows):
-    """Test accuracy against rounds, one line per method (the mean over seeds)."""
+def svg(rows, title="test accuracy against online rounds (mean over seeds), each method at its "
+                     "validation-chosen learning rate"):
+    """Test accuracy (or another score) against rounds, one line per method (the mean over
+    seeds)."""
     colors = ["#4c78a8", "#e45756", "#54a24b", "#f58518", "#b279a2", "#9d755d", "#72b7b2",
               "#111111"]
     n = len(rows[0]["test"])
     px = lambda k: 50 + 300 * k / (n - 1)
     py = lambda v: 230 - 200 * v
-    parts = ['<text x="4" y="14">test accuracy against online rounds (mean over seeds), each '
-             'method at its validation-chosen learning rate</text>',
+    parts = [f'<text x="4" y="14">{title}</text>',
              '<line x1="50" x2="50" y1="30" y2="230" stroke="black"/>',
              '<line x1="50" x2="350" y1="230" y2="230" stroke="black"/>']
     parts += [f'<text x="{px(k):.1f}" y="244" text-anchor="middle">{k}</text>' for k in range(n)]

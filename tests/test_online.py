@@ -129,7 +129,7 @@ def test_ifeval_round_end_to_end_as_the_gpu_command_runs_it(tmp_path):
     on the saved responses, and a second call reuses every step."""
     from model import ModelConfig, Transformer
     from support.tokenizer import Tokenizer
-    from scripts import ifeval_u
+    from scripts import ifeval_report, ifeval_u
     from tasks import ifeval
     torch.manual_seed(0)
     tok = Tokenizer.byte_level()
@@ -146,14 +146,14 @@ def test_ifeval_round_end_to_end_as_the_gpu_command_runs_it(tmp_path):
              {"key": 2, "prompt": "Say hi in lowercase.",
               "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]}]
     (tmp_path / "if.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tests))
-    args = [f"--base={base}", f"--out_dir={tmp_path / 'run'}", "--task=ifeval",
+    args = [f"--base={base}", f"--out_dir={tmp_path / 'cut-s1'}", "--task=ifeval",
             f"--instructions={tmp_path / 'a.json'},{tmp_path / 's.jsonl'}",
             f"--ifeval={tmp_path / 'if.jsonl'}", "--rounds=1", "--judge_calls=8",
             "--max_new_tokens=12", "--temperature=0.7", "--max_iters=2", "--device=cpu",
             "--train_args=--lora_rank=4 --batch_size=4 --max_len=256 --val_frac=0.25"]
     summary = online.main(args)
     assert len(online.read_instructions(f"{tmp_path / 'a.json'},{tmp_path / 's.jsonl'}")) == 231
-    round1 = tmp_path / "run" / "round1"
+    round1 = tmp_path / "cut-s1" / "round1"
     data = [json.loads(line) for line in (round1 / "data.jsonl").read_text().splitlines()]
     records = {r["prompt"]: r for r in online.constrained(
         online.configure(online.Config(), args), "train", 8, 1000 + 1)}
@@ -166,7 +166,7 @@ def test_ifeval_round_end_to_end_as_the_gpu_command_runs_it(tmp_path):
     expected = ifeval.score(ifeval.read_prompts(tmp_path / "if.jsonl"), saved["responses"])
     for r in (0, 1):
         record = summary["rounds"][r]
-        scores = json.loads((tmp_path / "run" / f"round{r}" / "ifeval_test.json").read_text())
+        scores = json.loads((tmp_path / "cut-s1" / f"round{r}" / "ifeval_test.json").read_text())
         assert {k: record[k] for k in online.HEADLINE["ifeval"]} == \
             {k: scores[k] for k in online.HEADLINE["ifeval"]}
     assert {k: summary["rounds"][1][k] for k in online.HEADLINE["ifeval"]} == \
@@ -175,10 +175,15 @@ def test_ifeval_round_end_to_end_as_the_gpu_command_runs_it(tmp_path):
     stamp = (round1 / "ifeval_test.json").stat().st_mtime
     assert online.main(args)["rounds"] == summary["rounds"]
     assert (round1 / "ifeval_test.json").stat().st_mtime == stamp
-    u = ifeval_u.measure(ifeval_u.Config(run=str(tmp_path / "run"), round=1, batch_size=4))
+    u = ifeval_u.measure(ifeval_u.Config(run=str(tmp_path / "cut-s1"), round=1, batch_size=4))
     flawed = [d for d in data if d["judgment"]]
     assert u["flawed"] == len(flawed) and u["scored"] == len(flawed)
     assert 0 <= u["frac_unlikely"] <= 1 and sum(u["broken"].values()) >= len(flawed)
+    rows = ifeval_report.main([f"--runs={tmp_path}"])
+    assert [(r["method"], r["round"], r["seeds"]) for r in rows] == [("cut", 0, 1), ("cut", 1, 1)]
+    for row, record in zip(rows, summary["rounds"]):
+        assert row["prompt_strict"] == (record["prompt_strict"],) * 3
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "ifeval.svg").is_file()
     with pytest.raises(ValueError, match="task 'ifeval' needs --instructions"):
         online.main([f"--base={base}", "--task=ifeval", f"--out_dir={tmp_path / 'x'}"])
 
