@@ -32,6 +32,7 @@ class Config:
     lrs: str = "1e-4,3e-4"        # the grid of every method but the DPO ones
     dpo_lrs: str = "1e-6,1e-5"    # dpo and ilf_dpo: DPO wants far smaller rates
     rounds: int = 3
+    judge_calls: int = 384        # responses judged per round
     seeds: int = 3
     jobs: int = 1                 # scripts.online processes at once
 
@@ -41,7 +42,8 @@ def online(c, method, lr, seed, split):
     out = Path(c.out_dir) / f"{method}-lr{lr}-s{seed}"
     out.mkdir(parents=True, exist_ok=True)
     argv = [f"--base={c.base}", f"--out_dir={out}", f"--method={method}", f"--learning_rate={lr}",
-            f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}"]
+            f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}",
+            f"--judge_calls={c.judge_calls}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
     with open(out / f"online_{split}.log", "a") as log:
         subprocess.run([sys.executable, "-m", "scripts.online", *argv], cwd=HERE, check=True,
@@ -73,7 +75,9 @@ def compare(c):
                          test=[statistics.mean(a) for a in per_round],
                          test_min=[min(a) for a in per_round], test_max=[max(a) for a in per_round],
                          swap=[statistics.mean(r["swap"] for r in rs)
-                               for rs in zip(*[s["rounds"] for s in summaries])]))
+                               for rs in zip(*[s["rounds"] for s in summaries])],
+                         flawed_share=[statistics.mean(r["flawed_share"] for r in rs)
+                                       for rs in zip(*[s["rounds"][1:] for s in summaries])]))
     return rows
 
 

@@ -1,6 +1,7 @@
 """scripts/online.py: the file judge's round trip (written, read back, mismatched records refused)
 and one round of each kind of method end to end on a tiny base, resumed without redoing a step."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,11 +93,13 @@ def test_online_compare_chooses_each_method_rate_on_validation(monkeypatch, tmp_
     def fake(c, method, lr, seed, split):
         calls.append((method, lr, seed, split))
         acc = val[(method, lr)] if split == "val" else 0.1 * seed
-        return {"rounds": [{"accuracy": 0.3, "swap": 0.0}, {"accuracy": acc, "swap": 0.1}]}
+        return {"rounds": [{"accuracy": 0.3, "swap": 0.0},
+                           {"accuracy": acc, "swap": 0.1, "flawed_share": 0.5}]}
     monkeypatch.setattr(online_compare, "online", fake)
     c = online_compare.Config(out_dir=str(tmp_path), methods="cut,dpo", seeds=3)
     rows = online_compare.compare(c)
     assert [(r["method"], r["lr"]) for r in rows] == [("cut", 3e-4), ("dpo", 1e-6)]  # ties: smaller
+    assert rows[0]["flawed_share"] == [0.5]
     assert rows[0]["test"] == pytest.approx([0.3, 0.2]) and rows[0]["test_max"] == pytest.approx([0.3, 0.3])
     assert sorted(k for k in calls if k[3] == "test") == \
         [("cut", 3e-4, s, "test") for s in (1, 2, 3)] + [("dpo", 1e-6, s, "test") for s in (1, 2, 3)]
@@ -197,3 +200,36 @@ def test_ifeval_u_points_at_the_characters_that_break_a_constraint():
                         "A Cat, a cathedral.") == [2, 3, 4]  # whole words only
     assert flaw_offsets("length_constraints:number_words", {"num_words": 5,
                                                             "relation": "at least"}, "a b") is None
+
+
+def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch, tmp_path):
+    from scripts import crossing, online_compare
+    share = {100: 0.9, 400: 0.5, 1200: 0.1}  # the weaker the base, the more of its answers flawed
+    gains = {"cut": {100: 0.30, 400: 0.10, 1200: 0.00}, "sft": {100: 0.10, 400: 0.20, 1200: 0.05}}
+
+    def fake_base(c, iters):
+        base = tmp_path / f"base{iters}"
+        base.mkdir(exist_ok=True)
+        row = {"U_precision": 0.5, "U_recall": 0.8, "gain_other": -0.1}
+        (base / "eval_test.json").write_text(json.dumps({"rows": [row]}))
+        return base
+
+    def fake_compare(settings):
+        iters = int(Path(settings.base).name.removeprefix("base"))
+        return [dict(method=m, lr=1e-4, test=[0.5, 0.5 + g[iters]], test_min=[0.5, 0.5 + g[iters]],
+                     test_max=[0.5, 0.6 + g[iters]], swap=[0.1, 0.0],
+                     flawed_share=[share[iters]]) for m, g in gains.items()]
+    monkeypatch.setattr(crossing, "make_base", fake_base)
+    monkeypatch.setattr(online_compare, "compare", fake_compare)
+    c = crossing.Config(out_dir=str(tmp_path), base_steps="100,400,1200", sizes="48")
+    points = crossing.main([f"--out_dir={tmp_path}", "--base_steps=100,400,1200", "--sizes=48"])
+    assert len(points) == 6 and c.sizes == "48"
+    cut100 = next(p for p in points if p["method"] == "cut" and p["base_iters"] == 100)
+    assert cut100["gain"] == pytest.approx(0.30) and cut100["gain_max"] == pytest.approx(0.40)
+    assert cut100["flawed_share"] == 0.9 and cut100["U_recall"] == 0.8
+    # cut - sft: -0.05 at 0.1, -0.10 at 0.5, +0.20 at 0.9: one crossing, between 0.5 and 0.9
+    found = json.loads((tmp_path / "crossing.json").read_text())["crossings"]
+    assert found == [dict(size=48, flawed_share=pytest.approx(0.5 + 0.4 * 0.10 / 0.30), low=0.5,
+                          high=0.9)]
+    assert "crosses sft's at a flawed share of about 0.63" in (tmp_path / "crossing.md").read_text()
+    assert (tmp_path / "crossing.svg").read_text().count("<polyline") == 2
