@@ -1,4 +1,5 @@
-"""Benchmarks of this project against Hugging Face transformers, measured in the same run, printed as ratios.
+"""Benchmarks of this project against Hugging Face transformers, measured in the same run, \
+printed as ratios.
 
 Run from the repository root:
     CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench model [--parts decode,load,fwd_bwd]
@@ -7,10 +8,11 @@ Run from the repository root:
     CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench generate --data=TRIPLES --threads=2
     python -m scripts.bench memory            python -m scripts.bench gpu [--dry]
 
-Not a test. The CPU may be shared, so ours and theirs alternate (who goes first swaps each round), each figure is
-the median of the rounds, and the table also gives the spread of the rounds, (max - min) / median, and the ratio of
-the best rounds (closest to an idle machine). One torch thread by default: on 2 cores shared with other jobs, each
-multi-threaded op waits for a busy core, which made 2-thread rounds vary up to 10x (see --threads).
+Not a test. The CPU may be shared, so ours and theirs alternate (who goes first swaps each round),
+each figure is the median of the rounds, and the table also gives the spread of the rounds,
+(max - min) / median, and the ratio of the best rounds (closest to an idle machine). One torch
+thread by default: on 2 cores shared with other jobs, each multi-threaded op waits for a busy core,
+which made 2-thread rounds vary up to 10x (see --threads).
 transformers is a reference here only; project code never imports it.
 A new section is a function taking the parsed arguments, registered in BENCHMARKS at the bottom.
 """
@@ -27,19 +29,22 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parents[1]  # the repository
-LOAD_ROUNDS = 3  # each load is a fresh interpreter (seconds of imports), so fewer rounds than the in-process timings
+# each load is a fresh interpreter (seconds of imports), so fewer rounds than the in-process timings
+LOAD_ROUNDS = 3
 ROWS = []  # table rows, filled by report()
 
 
 def checkpoint_dir():
     path = os.environ.get("CUT_SMOLLM2")
     if not path or not Path(path, "model.safetensors").exists():
-        sys.exit("bench.py: set CUT_SMOLLM2 to the SmolLM2 checkpoint directory (config.json + model.safetensors)")
+        sys.exit("bench.py: set CUT_SMOLLM2 to the SmolLM2 checkpoint directory "
+                 "(config.json + model.safetensors)")
     return Path(path)
 
 
 def alternate(ours, theirs, rounds):
-    """Call ours() and theirs() rounds times each, interleaved, swapping who goes first each round."""
+    """Call ours() and theirs() rounds times each, interleaved, swapping who goes first each
+    round."""
     a, b = [], []
     for i in range(rounds):
         if i % 2:
@@ -50,20 +55,24 @@ def alternate(ours, theirs, rounds):
 
 
 def report(name, a, b, unit, goal=None, higher_is_better=True):
-    """One table row from ours (a) and theirs (b); goal = (label, predicate of (median ours, median ratio))."""
+    """One table row from ours (a) and theirs (b); goal = (label, predicate of (median ours, median
+    ratio))."""
     ours, theirs = statistics.median(a), statistics.median(b)
     ratio = ours / theirs
     best = max if higher_is_better else min
     result = "-" if goal is None else ("PASS" if goal[1](ours, ratio) else "FAIL")
     spread = lambda xs: f"{(max(xs) - min(xs)) / statistics.median(xs):.0%}"
-    ROWS.append((name, f"{ours:.3g} {unit}", f"{theirs:.3g} {unit}", f"{ratio:.2f}", f"{best(a) / best(b):.2f}",
-                 goal[0] if goal else "-", result, f"{spread(a)}/{spread(b)}"))
-    print(f"  {name}: ours {[float(f'{x:.3g}') for x in a]}  theirs {[float(f'{x:.3g}') for x in b]}"
+    ROWS.append((name, f"{ours:.3g} {unit}", f"{theirs:.3g} {unit}", f"{ratio:.2f}",
+                 f"{best(a) / best(b):.2f}", goal[0] if goal else "-", result,
+                 f"{spread(a)}/{spread(b)}"))
+    print(f"  {name}: ours {[float(f'{x:.3g}') for x in a]}"
+          f"  theirs {[float(f'{x:.3g}') for x in b]}"
           f"  -> median ratio {ratio:.2f} {result}", flush=True)
 
 
 def print_table():
-    head = ("benchmark", "ours", "theirs", "ours/theirs", "best o/t", "goal", "result", "spread o/t")
+    head = ("benchmark", "ours", "theirs", "ours/theirs", "best o/t", "goal", "result",
+            "spread o/t")
     widths = [max(len(r[i]) for r in [head] + ROWS) for i in range(len(head))]
     for r in [head, tuple("-" * w for w in widths)] + ROWS:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -74,10 +83,11 @@ def load_both(path, dtype):
     from transformers.utils import logging
     from model import Transformer
     logging.disable_progress_bar()
-    return Transformer.from_pretrained(path, dtype=dtype), LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    return (Transformer.from_pretrained(path, dtype=dtype),
+            LlamaForCausalLM.from_pretrained(path, dtype=dtype))
 
 
-# ----------------------------------------------------------------------------- model: decode, load, fwd+bwd
+# --------------------------------------------------------------------- model: decode, load, fwd+bwd
 
 def bench_decode(path, args, new_tokens=64):
     from tokenizers import Tokenizer
@@ -129,15 +139,18 @@ else:
 
 def status():
     fields = (line.split(":", 1) for line in open("/proc/self/status"))
-    return {k: int(v.split()[0]) * 1024 for k, v in fields if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+    return {k: int(v.split()[0]) * 1024 for k, v in fields
+            if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM: the peak counts from after the imports
 base = status()["VmRSS"]
 t = time.perf_counter()
 model = Model.from_pretrained(path, dtype=dtype)
-for p in model.parameters():  # read every weight once: a loader that maps the file lazily pays for it here
+# read every weight once: a loader that maps the file lazily pays for it here
+for p in model.parameters():
     p.detach().sum()
 load_s = time.perf_counter() - t
-weights = sum(p.numel() * p.element_size() for p in model.parameters())  # parameters() counts tied weights once
+# parameters() counts tied weights once
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
 print(json.dumps(dict(base=base, load_s=load_s, weights=weights, **status())))
 """
 
@@ -151,15 +164,18 @@ def load_in_subprocess(side, dtype, path, threads):
 
 
 def bench_load(path, args):
-    print("load: a fresh interpreter each, from_pretrained + one read of every weight; peak = VmHWM after that, "
-          "baseline = VmRSS after importing torch + the loader's module")
+    print("load: a fresh interpreter each, from_pretrained + one read of every weight; "
+          "peak = VmHWM after that, baseline = VmRSS after importing torch + the loader's module")
     for dtype in (torch.bfloat16, torch.float32):
         name = str(dtype)[6:]
         a, b = alternate(lambda: load_in_subprocess("ours", dtype, path, args.threads),
-                         lambda: load_in_subprocess("theirs", dtype, path, args.threads), LOAD_ROUNDS)
+                         lambda: load_in_subprocess("theirs", dtype, path, args.threads),
+                         LOAD_ROUNDS)
         for side, r in (("ours", a[-1]), ("theirs", b[-1])):
-            print(f"  {name} {side} MiB: " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in r.items() if k != "load_s"))
-        report(f"load s {name}", [r["load_s"] for r in a], [r["load_s"] for r in b], "s", higher_is_better=False)
+            print(f"  {name} {side} MiB: " + ", ".join(f"{k} {v / 2**20:.0f}"
+                                                       for k, v in r.items() if k != "load_s"))
+        report(f"load s {name}", [r["load_s"] for r in a], [r["load_s"] for r in b], "s",
+               higher_is_better=False)
         extra = lambda r: (r["VmHWM"] - r["base"]) / r["weights"]
         report(f"(peak-base)/weights {name}", [extra(r) for r in a], [extra(r) for r in b], "x",
                ("ours <= 1.25", lambda o, r: o <= 1.25), higher_is_better=False)
@@ -178,10 +194,12 @@ def fwd_bwd(model, idx, hf):
 
 
 def bench_fwd_bwd(path, args, batch=4, seq=256):
-    print(f"fwd+bwd: float32 weights, bf16 autocast, batch {batch} x {seq}, cross entropy on the logits, tokens/s")
+    print(f"fwd+bwd: float32 weights, bf16 autocast, batch {batch} x {seq}, "
+          "cross entropy on the logits, tokens/s")
     ours_model, hf = load_both(path, torch.float32)
     ours_model.train(), hf.train()
-    idx = torch.randint(0, ours_model.cfg.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, ours_model.cfg.vocab_size, (batch, seq + 1),
+                        generator=torch.Generator().manual_seed(0))
     ours, theirs = lambda: fwd_bwd(ours_model, idx, False), lambda: fwd_bwd(hf, idx, True)
     alternate(ours, theirs, 2)  # warm-up: oneDNN builds its kernels on the first calls
     a, b = alternate(ours, theirs, args.repeats)
@@ -191,7 +209,8 @@ def bench_fwd_bwd(path, args, batch=4, seq=256):
         for name, step in (("ours", ours), ("theirs", theirs)):
             with profile() as prof:
                 step()
-            print(f"--- profile of one step, {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+            print(f"--- profile of one step, {name}\n"
+                  + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 MODEL_PARTS = {"decode": bench_decode, "load": bench_load, "fwd_bwd": bench_fwd_bwd}
@@ -202,12 +221,13 @@ def bench_model(args):
     parts = args.parts.split(",")
     unknown = [p for p in parts if p not in MODEL_PARTS]
     if unknown:
-        sys.exit(f"bench.py: unknown part(s) {', '.join(unknown)}; choose from {', '.join(MODEL_PARTS)}")
+        sys.exit(f"bench.py: unknown part(s) {', '.join(unknown)}; "
+                 f"choose from {', '.join(MODEL_PARTS)}")
     for part in parts:
         MODEL_PARTS[part](path, args)
 
 
-# ----------------------------------------------------------------------------- train: a CUT step's cost, tokens/s
+# --------------------------------------------------------------- train: a CUT step's cost, tokens/s
 
 def token_logprobs(model, batch, hf):
     """log p(target) (n,) at the trained positions of a collated batch: ours computes them
@@ -236,17 +256,21 @@ def train_step(model, batch, mode, opt, hf=False):
 
 
 def bench_cut_vs_sft(args):
-    """A CUT step against an SFT step (sft_all: x -> y only) on the same flawed triples, per token processed."""
+    """A CUT step against an SFT step (sft_all: x -> y only) on the same flawed triples, per token
+    processed."""
     from data import collate, encode_triples
     from support.tokenizer import Tokenizer
     from tasks.letters import make_task
     from model import ModelConfig, Transformer
     tok, triples = Tokenizer.byte_level(), make_task(64, seed=0, flawed_frac=1.0)
-    model = Transformer(ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, vocab_size=tok.n_vocab, hidden_dim=384))
+    model = Transformer(ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4,
+                                    vocab_size=tok.n_vocab, hidden_dim=384))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = {m: [collate(encode_triples(tok, triples[i:i + 16], m, 512, chat=True, verbose=False), tok.eos_id)
+    batches = {m: [collate(encode_triples(tok, triples[i:i + 16], m, 512, chat=True,
+                                          verbose=False), tok.eos_id)
                    for i in range(0, 64, 16)] for m in ("cut", "sft_all")}
-    real = {m: sum(int((b.idx != tok.eos_id).sum()) for b in bs) for m, bs in batches.items()}  # the pad is eos_id
+    # the pad is eos_id
+    real = {m: sum(int((b.idx != tok.eos_id).sum()) for b in bs) for m, bs in batches.items()}
     padded = {m: sum(b.idx.numel() for b in bs) for m, bs in batches.items()}
     step = lambda m: lambda: sum(train_step(model, b, m, opt) for b in batches[m])
     alternate(step("cut"), step("sft_all"), 1)  # warm-up
@@ -255,8 +279,8 @@ def bench_cut_vs_sft(args):
     tokens = (real["cut"] / real["sft_all"])
     print(f"cut vs sft: 4 batches of 16 all-flawed built-in triples; tokens cut/sft {tokens:.2f} "
           f"(padded to each batch's longest row: {padded['cut'] / padded['sft_all']:.2f})")
-    report("cut/sft step time / tokens", [p / tokens for p in per_token], [1.0] * len(per_token), "x",
-           ("<= 1.10", lambda o, r: o <= 1.10), higher_is_better=False)
+    report("cut/sft step time / tokens", [p / tokens for p in per_token], [1.0] * len(per_token),
+           "x", ("<= 1.10", lambda o, r: o <= 1.10), higher_is_better=False)
 
 
 def bench_train_tokens(args, batch_size=4, max_len=256):
@@ -268,18 +292,22 @@ def bench_train_tokens(args, batch_size=4, max_len=256):
     path = checkpoint_dir()
     data = Path(args.data)
     if not data.is_file():
-        sys.exit("bench.py: train needs --data=FILE, the CUT authors' triples (wwxu21/CUT, train-alpaca-sample-iter1.json)")
+        sys.exit("bench.py: train needs --data=FILE, the CUT authors' triples "
+                 "(wwxu21/CUT, train-alpaca-sample-iter1.json)")
     tok = Tokenizer.from_pretrained(path)
-    enc = encode_triples(tok, load_triples(data, verbose=False)[:64], "sft_all", max_len, chat=True, verbose=False)
-    batches = [collate(enc[i:i + batch_size], tok.eos_id) for i in range(0, 8 * batch_size, batch_size)]
+    enc = encode_triples(tok, load_triples(data, verbose=False)[:64], "sft_all", max_len, chat=True,
+                         verbose=False)
+    batches = [collate(enc[i:i + batch_size], tok.eos_id)
+               for i in range(0, 8 * batch_size, batch_size)]
     tokens = sum(int((b.idx != tok.eos_id).sum()) for b in batches)
     ours_model, hf = load_both(path, torch.float32)
     ours_model.train(), hf.train()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-6) for m in (ours_model, hf)]
     ours = lambda: tokens / sum(train_step(ours_model, b, "sft_all", opts[0]) for b in batches)
     theirs = lambda: tokens / sum(train_step(hf, b, "sft_all", opts[1], hf=True) for b in batches)
-    print(f"train tokens/s: SmolLM2 full fine-tune step, fp32 weights, bf16 autocast, 8 batches of {batch_size} real "
-          f"triples (x -> y, at most {max_len} tokens), the same loss code on both sides")
+    print(f"train tokens/s: SmolLM2 full fine-tune step, fp32 weights, bf16 autocast, "
+          f"8 batches of {batch_size} real triples (x -> y, at most {max_len} tokens), "
+          f"the same loss code on both sides")
     alternate(ours, theirs, 1)
     a, b = alternate(ours, theirs, args.repeats)
     report("train tok/s SmolLM2", a, b, "tok/s", (">= 1.1x", lambda o, r: r >= 1.1))
@@ -290,19 +318,24 @@ def bench_train(args):
     bench_train_tokens(args)
 
 
-# ----------------------------------------------------------------------------- memory: per-GPU memory of a CUT step
+# ------------------------------------------------------------- memory: per-GPU memory of a CUT step
 
 LLAMA_SHAPES = {  # the Hugging Face configs (head_dim 128, vocabulary 128256)
-    "Llama-3.2-1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192, tie_embeddings=True),
-    "Llama-3.2-3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192, tie_embeddings=True),
+    "Llama-3.2-1B": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                         tie_embeddings=True),
+    "Llama-3.2-3B": dict(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
+                         tie_embeddings=True),
     "Llama-3.1-8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336),
     "Llama-3.1-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
 }
-SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
-                    tie_embeddings=True)
-TABLE_BATCH = dict(rows=8, seq=1024, trained=4096)  # per GPU: 4 CUT triples = 8 rows of 1024 tokens, half of them y
-TABLE_MODES = {"LoRA + DDP": dict(mode="lora", ddp=True), "full + DDP": dict(mode="full", ddp=True),
-               "full + FSDP": dict(mode="fsdp"), "full + FSDP + grad_ckpt": dict(mode="fsdp", grad_ckpt=True)}
+SMOLLM2_135M = dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
+                    vocab_size=49152, tie_embeddings=True)
+# per GPU: 4 CUT triples = 8 rows of 1024 tokens, half of them y
+TABLE_BATCH = dict(rows=8, seq=1024, trained=4096)
+TABLE_MODES = {"LoRA + DDP": dict(mode="lora", ddp=True),
+               "full + DDP": dict(mode="full", ddp=True),
+               "full + FSDP": dict(mode="fsdp"),
+               "full + FSDP + grad_ckpt": dict(mode="fsdp", grad_ckpt=True)}
 LORA_RANK = 16  # on train.py's default targets: gate_proj, up_proj, down_proj
 
 
@@ -312,7 +345,8 @@ def llama_config(shape, **overrides):
 
 
 def param_counts(cfg):
-    """Parameters of the model (tied weights once), its linear layers' weights, one block, the lm_head, LoRA's."""
+    """Parameters of the model (tied weights once), its linear layers' weights, one block, the
+    lm_head, LoRA's."""
     from model import Transformer, add_lora
     with torch.device("meta"):
         m = Transformer(cfg)
@@ -325,17 +359,25 @@ def param_counts(cfg):
 
 
 def step_memory(cfg, mode, rows, seq, trained, gpus=1, ddp=False, grad_ckpt=False, chunk=None):
-    """Predicted peak bytes of one CUT step (forward, backward, AdamW) on one process, from the parameter counts and
-    the dtypes train.py uses with dtype=bfloat16. mode: 'full' (fp32 weights, bf16 autocast), 'lora' (bf16 base,
-    fp32 adapters), 'fsdp' (fp32 shards over gpus, bf16 compute, fp32 reduction). The peak comes at the start of
-    backward (activations, logits, the lm_head's gradient) or at its end (all gradients): persistent + the larger."""
+    """Predicted peak bytes of one CUT step (forward, backward, AdamW) on one process, from the
+    parameter counts and the dtypes train.py uses with dtype=bfloat16. mode: 'full' (fp32 weights,
+    bf16 autocast), 'lora' (bf16 base, fp32 adapters), 'fsdp' (fp32 shards over gpus, bf16 compute,
+    fp32 reduction). The peak comes at the start of backward (activations, logits, the lm_head's
+    gradient) or at its end (all gradients): persistent + the larger."""
     from model import LOGIT_CHUNK
     n = param_counts(cfg)
-    P, d, q, kv, h = n["total"], cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim
-    tokens, attn = rows * seq, 4 * q + 4 * kv + 4 * cfg.n_heads  # rotated q, k; v; the output (o_proj's input); lse
-    per_layer = {"full": 26 * d + attn + 8 * h,  # fp32 residual, norm inputs and outputs; bf16 copies of linear inputs
-                 "fsdp": 16 * d + attn + 8 * h,  # bf16 residual, the norms' fp32 copies, one bf16 input per linear
-                 "lora": 10 * d + attn + 8 * h + 6 * LORA_RANK}[mode]  # frozen linears save no input
+    P, d, q, kv, h = (n["total"], cfg.dim, cfg.n_heads * cfg.head_dim,
+                      cfg.n_kv_heads * cfg.head_dim, cfg.hidden_dim)
+    # rotated q, k; v; the output (o_proj's input); lse
+    tokens, attn = rows * seq, 4 * q + 4 * kv + 4 * cfg.n_heads
+    per_layer = {
+        # fp32 residual, norm inputs and outputs; bf16 copies of linear inputs
+        "full": 26 * d + attn + 8 * h,
+        # bf16 residual, the norms' fp32 copies, one bf16 input per linear
+        "fsdp": 16 * d + attn + 8 * h,
+        # frozen linears save no input
+        "lora": 10 * d + attn + 8 * h + 6 * LORA_RANK,
+    }[mode]
     if grad_ckpt:  # each block's input, plus one block recomputed at a time
         acts = cfg.n_layers * tokens * (4 if mode == "full" else 2) * d + tokens * per_layer
     else:
@@ -347,16 +389,23 @@ def step_memory(cfg, mode, rows, seq, trained, gpus=1, ddp=False, grad_ckpt=Fals
         m = dict(weights=4 * P, grads=4 * P, adamw=8 * P, other=2 * n["linear"] + 6 * n["head"])
         end = 4 * n["head"]  # the embedding's dense gradient, before it is added
     elif mode == "lora":
-        m = dict(weights=2 * P + 4 * n["lora"], grads=4 * n["lora"], adamw=8 * n["lora"], other=2 * n["lora"])
+        m = dict(weights=2 * P + 4 * n["lora"], grads=4 * n["lora"], adamw=8 * n["lora"],
+                 other=2 * n["lora"])
         end = 0
-    else:  # other: the root (embeddings, lm_head) and two blocks gathered in bf16; a block's and the head's gradients
+    else:
+        # other: the root (embeddings, lm_head) and two blocks gathered in bf16; a block's and the
+        # head's gradients
         root = P - cfg.n_layers * n["block"]
-        m = dict(weights=4 * P / gpus, grads=4 * P / gpus, adamw=8 * P / gpus,  # block: 2 x 2 gathered, 2 + 4 grads
+        # block: 2 x 2 gathered, 2 + 4 grads
+        m = dict(weights=4 * P / gpus, grads=4 * P / gpus, adamw=8 * P / gpus,
                  other=2 * root + 10 * n["block"] + 2 * n["head"])
-        end = 8 * root  # the root's gradients in bf16 and fp32 for the reduce-scatter, its parameters
+        # the root's gradients in bf16 and fp32 for the reduce-scatter, its parameters
+        end = 8 * root
     m["activations"] = acts + logits
-    held = m["weights"] + m["adamw"] + (m["grads"] if ddp or mode == "fsdp" else 0)  # DDP's buckets keep the grads
-    m["peak"] = held + max(m["other"] + m["activations"], end + (0 if ddp or mode == "fsdp" else m["grads"]))
+    # DDP's buckets keep the grads
+    held = m["weights"] + m["adamw"] + (m["grads"] if ddp or mode == "fsdp" else 0)
+    m["peak"] = held + max(m["other"] + m["activations"],
+                           end + (0 if ddp or mode == "fsdp" else m["grads"]))
     return m
 
 
@@ -374,16 +423,20 @@ targets = torch.full_like(idx, -100)
 targets[:, -a["trained"] // a["rows"]:] = idx.roll(-1, 1)[:, -a["trained"] // a["rows"]:]
 rows = torch.arange(a["rows"])
 def rss(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith(key + ":"))
 def step(m, opt):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # train.py with dtype=bfloat16
         logp, mask = response_logprobs(m(idx, targets=targets), targets)  # as train.forward_loss
-        loss, _ = batch_loss("cut", logp, mask, rows[0::2], rows[1::2], rows[0::2] >= 0, 1.5, 1.0, 0.0)
+        loss, _ = batch_loss("cut", logp, mask, rows[0::2], rows[1::2], rows[0::2] >= 0,
+                             1.5, 1.0, 0.0)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-warm = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=cfg.vocab_size))
-step(warm, torch.optim.AdamW(warm.parameters()))  # oneDNN's kernels and autograd's threads: not the step's memory
+warm = Transformer(ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                               vocab_size=cfg.vocab_size))
+# oneDNN's kernels and autograd's threads: not the step's memory
+step(warm, torch.optim.AdamW(warm.parameters()))
 del warm
 base = rss("VmRSS")
 if a["chunk"] == 0:  # the whole (n, V) logits in one block
@@ -411,11 +464,12 @@ def measure_step(cfg, mode, rows, seq, trained, grad_ckpt=False, chunk=None):
     the live tensors'. chunk: as in step_memory (None: model.LOGIT_CHUNK; 0: model.LOGIT_CHUNK set
     past every n, so the whole (n, V) logits are one block; else model.LOGIT_CHUNK = chunk)."""
     from dataclasses import asdict
-    arg = dict(cfg={k: v for k, v in asdict(cfg).items() if k not in ("head_dim", "max_seq_len")}, mode=mode, rows=rows,
-               seq=seq, trained=trained, grad_ckpt=grad_ckpt, chunk=chunk, lora_rank=LORA_RANK)
+    arg = dict(cfg={k: v for k, v in asdict(cfg).items() if k not in ("head_dim", "max_seq_len")},
+               mode=mode, rows=rows, seq=seq, trained=trained, grad_ckpt=grad_ckpt, chunk=chunk,
+               lora_rank=LORA_RANK)
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
-    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(arg)], cwd=HERE, capture_output=True, text=True,
-                       env=env)
+    r = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(arg)], cwd=HERE,
+                       capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit(f"bench.py: the memory measurement failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])["peak"]
@@ -423,21 +477,25 @@ def measure_step(cfg, mode, rows, seq, trained, grad_ckpt=False, chunk=None):
 
 def print_memory_table():
     b = TABLE_BATCH
-    print(f"Per-GPU memory of a CUT step in GB (1e9 bytes), predicted by step_memory: train.py with "
-          f"--dtype=bfloat16, AdamW, 8 GPUs,\n{b['rows']} sequences x {b['seq']} tokens per GPU ({b['trained']} of "
-          f"them response tokens: --batch_size={b['rows'] // 2} CUT triples, --max_len={b['seq']}), "
-          f"gradient_accumulation_steps=1, LoRA rank {LORA_RANK} on gate/up/down_proj.\n'other': autocast's bf16 "
-          f"copies of the weights and the lm_head's gradient (full + DDP), or FSDP's gathered root and blocks and "
-          f"their unsharded gradients.\npeak: weights + AdamW (+ gradients, which DDP's buckets and FSDP's shards "
-          f"hold) + the larger of other + activations and the end of backward.\n")
-    head = ("model", "params", "setup", "weights", "grads", "AdamW", "other", "activations", "peak / GPU")
+    print(f"Per-GPU memory of a CUT step in GB (1e9 bytes), predicted by step_memory: train.py "
+          f"with --dtype=bfloat16, AdamW, 8 GPUs,\n"
+          f"{b['rows']} sequences x {b['seq']} tokens per GPU ({b['trained']} of them response "
+          f"tokens: --batch_size={b['rows'] // 2} CUT triples, --max_len={b['seq']}), "
+          f"gradient_accumulation_steps=1, LoRA rank {LORA_RANK} on gate/up/down_proj.\n"
+          f"'other': autocast's bf16 copies of the weights and the lm_head's gradient "
+          f"(full + DDP), or FSDP's gathered root and blocks and their unsharded gradients.\n"
+          f"peak: weights + AdamW (+ gradients, which DDP's buckets and FSDP's shards hold) + the "
+          f"larger of other + activations and the end of backward.\n")
+    head = ("model", "params", "setup", "weights", "grads", "AdamW", "other", "activations",
+            "peak / GPU")
     lines = []
     for name, shape in LLAMA_SHAPES.items():
         cfg = llama_config(shape)
         for setup, kw in TABLE_MODES.items():
             m = step_memory(cfg, **kw, **b, gpus=8)
             lines.append((name, f"{param_counts(cfg)['total'] / 1e9:.2f}B", setup,
-                          *(f"{m[k] / 1e9:.1f}" for k in ("weights", "grads", "adamw", "other", "activations")),
+                          *(f"{m[k] / 1e9:.1f}"
+                            for k in ("weights", "grads", "adamw", "other", "activations")),
                           f"{m['peak'] / 1e9:.1f}" + ("" if m["peak"] <= 80e9 else " (> 80 GB)")))
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for line in lines:
@@ -449,8 +507,9 @@ def bench_memory(args):
     if args.no_measure:
         return
     from model import ModelConfig
-    smol, vocab_128k = ModelConfig(**SMOLLM2_135M), llama_config(dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
-                                                                       hidden_dim=768))
+    smol, vocab_128k = (ModelConfig(**SMOLLM2_135M),
+                        llama_config(dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2,
+                                          hidden_dim=768)))
     short, long = dict(rows=4, seq=128, trained=256), dict(rows=4, seq=512, trained=1024)
     cases = {"SmolLM2-135M full": (smol, dict(mode="full", **short)),
              "SmolLM2-135M LoRA": (smol, dict(mode="lora", **short)),
@@ -461,33 +520,39 @@ def bench_memory(args):
                  (vocab_128k, dict(mode="full", chunk=0, **long)),
              "128k vocab, 1024 trained, 256 at a time":
                  (vocab_128k, dict(mode="full", chunk=256, **long))}
-    print("\nchecked on this CPU: one process, bf16 autocast, the peak RSS of a second step above a warmed-up "
-          "baseline; MB = 1e6 bytes")
-    print("| case | tokens (trained) | predicted MB | measured MB | measured / predicted |\n|---|---|---|---|---|")
+    print("\nchecked on this CPU: one process, bf16 autocast, the peak RSS of a second step "
+          "above a warmed-up baseline; MB = 1e6 bytes")
+    print("| case | tokens (trained) | predicted MB | measured MB | measured / predicted |\n"
+          "|---|---|---|---|---|")
     measured = {}
     for name, (cfg, kw) in cases.items():
         predicted, measured[name] = step_memory(cfg, **kw)["peak"], measure_step(cfg, **kw)
         ratio = measured[name] / predicted
         print(f"| {name} | {kw['rows']} x {kw['seq']} ({kw['trained']}) | {predicted / 1e6:.0f} | "
-              f"{measured[name] / 1e6:.0f} | {ratio:.2f}{'' if 0.8 <= ratio <= 1.2 else ' FAIL'} |", flush=True)
-    before, after = (measured[f"128k vocab, 1024 trained, {k}"] for k in ("logits at once", "256 at a time"))
-    print(f"the chunked log-softmax lowered this step's measured peak by {(before - after) / 1e6:.0f} MB "
-          f"({(before - after) / before:.0%})")
+              f"{measured[name] / 1e6:.0f} | {ratio:.2f}{'' if 0.8 <= ratio <= 1.2 else ' FAIL'} |",
+              flush=True)
+    before, after = (measured[f"128k vocab, 1024 trained, {k}"]
+                     for k in ("logits at once", "256 at a time"))
+    print(f"the chunked log-softmax lowered this step's measured peak by "
+          f"{(before - after) / 1e6:.0f} MB ({(before - after) / before:.0%})")
 
 
-# ----------------------------------------------------------------------------- gpu: the checks a GPU run needs
+# ------------------------------------------------------------------ gpu: the checks a GPU run needs
 
 def cut_losses(model, encoded, pad_id, dev, dtype):
-    """train.py's CUT loss on `encoded`, before and after one AdamW step, on a copy of model on dev."""
+    """train.py's CUT loss on `encoded`, before and after one AdamW step, on a copy of model on
+    dev."""
     import copy
     from contextlib import nullcontext
     import train
     m = copy.deepcopy(model).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    autocast = torch.autocast(torch.device(dev).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = (torch.autocast(torch.device(dev).type, dtype=dtype) if dtype != torch.float32
+                else nullcontext())
     losses = []
     for _ in range(2):
-        loss, _, _ = train.forward_loss(m, encoded, train.Config(loss="cut", lam=1.5), pad_id, dev, autocast)
+        loss, _, _ = train.forward_loss(m, encoded, train.Config(loss="cut", lam=1.5), pad_id, dev,
+                                        autocast)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -496,7 +561,8 @@ def cut_losses(model, encoded, pad_id, dev, dtype):
 
 
 def check_bf16_step(dev, dry):
-    """A CUT step in bf16 on dev against the same step in fp32 on the CPU (a Llama-shaped model, GQA, Llama 3 RoPE)."""
+    """A CUT step in bf16 on dev against the same step in fp32 on the CPU (a Llama-shaped model,
+    GQA, Llama 3 RoPE)."""
     from data import encode_triples
     from support.tokenizer import Tokenizer
     from tasks.letters import make_task
@@ -504,68 +570,80 @@ def check_bf16_step(dev, dry):
     tok = Tokenizer.byte_level()
     torch.manual_seed(0)
     dims = dict(dim=64, n_layers=2, n_heads=4) if dry else dict(dim=512, n_layers=8, n_heads=8)
-    model = Transformer(ModelConfig(**dims, n_kv_heads=2, hidden_dim=3 * dims["dim"], vocab_size=tok.n_vocab,
-                                    rope_theta=500000.0, rope_scaling=dict(factor=8.0, low_freq_factor=1.0,
-                                    high_freq_factor=4.0, original_max_position_embeddings=64)))
-    encoded = encode_triples(tok, make_task(16, seed=0, flawed_frac=0.5), "cut", 256, chat=True, verbose=False)
+    model = Transformer(ModelConfig(**dims, n_kv_heads=2, hidden_dim=3 * dims["dim"],
+                                    vocab_size=tok.n_vocab, rope_theta=500000.0,
+                                    rope_scaling=dict(factor=8.0, low_freq_factor=1.0,
+                                                      high_freq_factor=4.0,
+                                                      original_max_position_embeddings=64)))
+    encoded = encode_triples(tok, make_task(16, seed=0, flawed_frac=0.5), "cut", 256, chat=True,
+                             verbose=False)
     ref = cut_losses(model, encoded, tok.eos_id, "cpu", torch.float32)
     got = cut_losses(model, encoded, tok.eos_id, dev, torch.bfloat16)
     # the losses within 1%, and what the step changed (its gradients, through AdamW) within 5%
     ok = all(abs(g - r) <= 1e-2 * abs(r) for g, r in zip(got, ref))
     ok &= abs((got[1] - got[0]) - (ref[1] - ref[0])) <= 0.05 * abs(ref[1] - ref[0])
-    print(f"CUT step, bf16 on {dev} vs fp32 on the CPU: losses before/after one AdamW step {got} vs {ref} "
-          f"(tolerance: 1% relative, the change 5%) {'PASS' if ok else 'FAIL'}", flush=True)
+    print(f"CUT step, bf16 on {dev} vs fp32 on the CPU: losses before/after one AdamW step "
+          f"{got} vs {ref} (tolerance: 1% relative, the change 5%) {'PASS' if ok else 'FAIL'}",
+          flush=True)
     return ok
 
 
 def check_torchrun(dev, dry, nproc):
-    """train.py with torchrun over nproc processes, DDP then FSDP, on the built-in task from scratch: both finish,
-    FSDP's losses follow DDP's, and FSDP's checkpoint loads."""
+    """train.py with torchrun over nproc processes, DDP then FSDP, on the built-in task from
+    scratch: both finish, FSDP's losses follow DDP's, and FSDP's checkpoint loads."""
     import tempfile
     from model import Transformer
     dtype = "float32" if dry else "bfloat16"
-    args = ["--data=builtin", "--task_size=400", "--base_iters=0", "--max_iters=4", "--eval_interval=4",
-            "--log_interval=1", "--batch_size=4", f"--gradient_accumulation_steps={nproc}", "--max_len=160",
-            f"--device={dev}", f"--dtype={dtype}", "--warmup_iters=1", "--lam=1.0"]
+    args = ["--data=builtin", "--task_size=400", "--base_iters=0", "--max_iters=4",
+            "--eval_interval=4", "--log_interval=1", "--batch_size=4",
+            f"--gradient_accumulation_steps={nproc}", "--max_len=160", f"--device={dev}",
+            f"--dtype={dtype}", "--warmup_iters=1", "--lam=1.0"]
     args += ["--dim=32", "--n_layers=1", "--n_heads=2"] if dry else []
     losses = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("DDP", []), ("FSDP", ["--fsdp=True"])):
             out = Path(tmp) / name
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "train.py", *args, *extra, f"--out_dir={out}"]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={nproc}", "train.py", *args, *extra, f"--out_dir={out}"]
             t = time.perf_counter()
-            r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
             if r.returncode:
                 print(f"torchrun {name} failed:\n{r.stderr[-3000:]}")
                 return False
-            losses[name] = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+            losses[name] = [json.loads(line)["loss"]
+                            for line in (out / "log.jsonl").read_text().splitlines()]
             print(f"torchrun {name}, {nproc} processes, {dtype}: {time.perf_counter() - t:.0f} s, "
                   f"losses {losses[name]}", flush=True)
-        Transformer.from_pretrained(Path(tmp) / "FSDP")  # the gathered checkpoint, in Hugging Face's layout
+        # the gathered checkpoint, in Hugging Face's layout
+        Transformer.from_pretrained(Path(tmp) / "FSDP")
     # FSDP computes with bf16 parameters where DDP has fp32 weights under bf16 autocast
     tol = 1e-4 if dry else 2e-2
-    ok = len(losses["FSDP"]) == 4 and all(abs(f - d) <= tol * abs(d) for f, d in zip(losses["FSDP"], losses["DDP"]))
+    ok = (len(losses["FSDP"]) == 4
+          and all(abs(f - d) <= tol * abs(d) for f, d in zip(losses["FSDP"], losses["DDP"])))
     print(f"FSDP losses within {tol:g} (relative) of DDP's: {'PASS' if ok else 'FAIL'}", flush=True)
     return ok
 
 
 # peak dense bf16 FLOPS per GPU, for MFU (matched against torch.cuda.get_device_name)
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+              "A10G": 70e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
 
 
 def measure_mfu(dev, dry, steps=10):
-    """Tokens/s and MFU of a bf16 + torch.compile CUT step (train.py's full fine-tune: fp32 weights, bf16 autocast,
-    fused AdamW) of a Llama-3.2-1B-shaped model, at the most rows of 1024 tokens that step_memory says fit."""
+    """Tokens/s and MFU of a bf16 + torch.compile CUT step (train.py's full fine-tune: fp32 weights,
+    bf16 autocast, fused AdamW) of a Llama-3.2-1B-shaped model, at the most rows of 1024 tokens that
+    step_memory says fit."""
     from cut_loss import batch_loss, response_logprobs
     from model import Transformer
-    cfg = llama_config(LLAMA_SHAPES["Llama-3.2-1B"], **(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                                                              hidden_dim=128, vocab_size=512) if dry else {}))
+    cfg = llama_config(LLAMA_SHAPES["Llama-3.2-1B"],
+                       **(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                               vocab_size=512) if dry else {}))
     seq = 64 if dry else 1024
     free = 0 if dry else torch.cuda.mem_get_info(dev)[1]
-    rows = 2 if dry else max([r for r in (2, 4, 8, 16, 32) if step_memory(cfg, "full", r, seq, r * seq // 2)["peak"]
-                              < 0.85 * free] or [1])
+    rows = 2 if dry else max(
+        [r for r in (2, 4, 8, 16, 32)
+         if step_memory(cfg, "full", r, seq, r * seq // 2)["peak"] < 0.85 * free] or [1])
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -573,13 +651,15 @@ def measure_mfu(dev, dry, steps=10):
     while True:
         idx = torch.randint(0, cfg.vocab_size, (rows, seq), device=dev)
         targets = torch.full_like(idx, -100)
-        targets[:, seq // 2:] = idx.roll(-1, 1)[:, seq // 2:]  # the second half of each row is the response
+        # the second half of each row is the response
+        targets[:, seq // 2:] = idx.roll(-1, 1)[:, seq // 2:]
         r = torch.arange(rows, device=dev)
 
         def step():
             with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
                 logp, mask = response_logprobs(step_model(idx, targets=targets), targets)
-                loss, _ = batch_loss("cut", logp, mask, r[0::2], r[1::2], r[0::2] >= 0, 1.5, 1.0, 0.0)
+                loss, _ = batch_loss("cut", logp, mask, r[0::2], r[1::2], r[0::2] >= 0,
+                                     1.5, 1.0, 0.0)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -602,23 +682,29 @@ def measure_mfu(dev, dry, steps=10):
     sync()
     dt = (time.perf_counter() - t) / steps
     blocks = sum(p.numel() for p in model.model.layers.parameters())
-    # 6 flops per weight and token (forward + backward), the lm_head at the trained half only, causal attention
-    flops = 6 * blocks * rows * seq + 6 * cfg.dim * cfg.vocab_size * rows * seq // 2 + \
-        6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq * rows * seq
+    # 6 flops per weight and token (forward + backward), the lm_head at the trained half only,
+    # causal attention
+    flops = (6 * blocks * rows * seq + 6 * cfg.dim * cfg.vocab_size * rows * seq // 2
+             + 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq * rows * seq)
     name = "CPU" if dry else torch.cuda.get_device_name(dev)
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None) if not dry else None
-    mfu = f"MFU {flops / dt / peak:.1%} of {peak / 1e12:.0f} TFLOPS" if peak else "MFU n/a (no peak FLOPS known)"
-    print(f"CUT step, {'tiny' if dry else 'Llama-3.2-1B'}-shaped, bf16{'' if dry else ' + torch.compile'}, {rows} x "
-          f"{seq} tokens on {name}: {dt * 1e3:.0f} ms, {rows * seq / dt:.0f} tokens/s, {mfu}"
-          + ("" if dry else f", peak memory {torch.cuda.max_memory_allocated(dev) / 1e9:.1f} GB"), flush=True)
+    mfu = (f"MFU {flops / dt / peak:.1%} of {peak / 1e12:.0f} TFLOPS" if peak
+           else "MFU n/a (no peak FLOPS known)")
+    print(f"CUT step, {'tiny' if dry else 'Llama-3.2-1B'}-shaped, "
+          f"bf16{'' if dry else ' + torch.compile'}, {rows} x {seq} tokens on {name}: "
+          f"{dt * 1e3:.0f} ms, {rows * seq / dt:.0f} tokens/s, {mfu}"
+          + ("" if dry else f", peak memory {torch.cuda.max_memory_allocated(dev) / 1e9:.1f} GB"),
+          flush=True)
 
 
 def bench_gpu(args):
-    """One command for a lent GPU (under 8 minutes); --dry rehearses it on the CPU with tiny shapes, no compile."""
+    """One command for a lent GPU (under 8 minutes); --dry rehearses it on the CPU with tiny shapes,
+    no compile."""
     if not args.dry and not torch.cuda.is_available():
         sys.exit("bench.py gpu: no CUDA GPU here; --dry rehearses the same checks on the CPU")
     dev = "cpu" if args.dry else "cuda:0"
-    print(f"gpu checks on {'the CPU (dry run)' if args.dry else torch.cuda.get_device_name(0)}", flush=True)
+    print(f"gpu checks on {'the CPU (dry run)' if args.dry else torch.cuda.get_device_name(0)}",
+          flush=True)
     ok = check_bf16_step(dev, args.dry)
     ok &= check_torchrun(dev, args.dry, 1 if args.dry else torch.cuda.device_count())
     measure_mfu(dev, args.dry)
@@ -626,7 +712,7 @@ def bench_gpu(args):
         sys.exit("bench.py gpu: FAIL")
 
 
-# ----------------------------------------------------------------------------- generate: decode and batches
+# --------------------------------------------------------------------- generate: decode and batches
 
 def copy_bandwidth(mb=512, rounds=5):
     """The machine's memory bandwidth in bytes/s: a copy of mb MB reads and writes it (STREAM's copy
@@ -647,14 +733,16 @@ def varied_prompts(path, args, n):
     from support.tokenizer import Tokenizer
     from support.triple_files import load_triples
     if not args.data:
-        sys.exit("bench.py generate: --data=FILE, a triples file whose instructions to generate for")
+        sys.exit("bench.py generate: --data=FILE, "
+                 "a triples file whose instructions to generate for")
     tok = Tokenizer.from_pretrained(path)
     instructions = list(dict.fromkeys(t.instruction for t in load_triples(args.data, False)))[:n]
     return tok, instructions, [prompt_ids(tok, i) for i in instructions]
 
 
 def hf_generate(hf, prompts, new_tokens, stop_ids, batch_size):
-    """transformers' greedy generate, left-padded batches sorted by length: the new ids per prompt."""
+    """transformers' greedy generate, left-padded batches sorted by length: the new ids per
+    prompt."""
     from model import left_pad
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out = [None] * len(prompts)
@@ -696,7 +784,8 @@ def bench_generate(args, batch=32, new_tokens=64):
             alternate(ours, theirs, 1)
             a, b = alternate(ours, theirs, args.repeats)
         print(f"  {name}: {weights / 1e6:.0f} MB of weights, ceiling {ceiling:.1f} tok/s; ours "
-              f"{statistics.median(a) / ceiling:.0%} of it, theirs {statistics.median(b) / ceiling:.0%}")
+              f"{statistics.median(a) / ceiling:.0%} of it, "
+              f"theirs {statistics.median(b) / ceiling:.0%}")
         report(f"decode b1 tok/s {name}", a, b, "tok/s",
                (">= 50% of the ceiling", lambda o, r, c=ceiling: o >= 0.5 * c))
         if dtype != torch.float32:
@@ -717,12 +806,14 @@ def bench_generate(args, batch=32, new_tokens=64):
             seconds = timed_s(lambda: produced.__setitem__(side, generate()))
             return sum(len(until_stop(ids, tok.stop_ids)) for ids in produced[side]) / seconds
         ours = lambda: throughput("ours", lambda: ours_model.generate(
-            xb, new_tokens, temperature=0, stop_ids=tok.stop_ids, pad=pad)[:, xb.shape[1]:].tolist())
-        theirs = lambda: throughput("theirs", lambda: hf_generate(hf, rows, new_tokens, tok.stop_ids,
-                                                                  batch))
+            xb, new_tokens, temperature=0, stop_ids=tok.stop_ids,
+            pad=pad)[:, xb.shape[1]:].tolist())
+        theirs = lambda: throughput(
+            "theirs", lambda: hf_generate(hf, rows, new_tokens, tok.stop_ids, batch))
         with torch.no_grad():
             a, b = alternate(ours, theirs, args.repeats)
-        report(f"generate new tok/s, batch {batch}", a, b, "tok/s", (">= 1.5x", lambda o, r: r >= 1.5))
+        report(f"generate new tok/s, batch {batch}", a, b, "tok/s",
+               (">= 1.5x", lambda o, r: r >= 1.5))
         with torch.no_grad():
             theirs_s = timed_s(lambda: produced.__setitem__(
                 "alpaca", hf_generate(hf, prompts, new_tokens, tok.stop_ids, batch)))
@@ -744,8 +835,8 @@ def alpaca_vs_transformers(path, args, tok, instructions, theirs_ids, theirs_s, 
         file = Path(tmp, "instructions.json")
         file.write_text(json.dumps([{"instruction": i} for i in instructions]))
         out = Path(tmp, "outputs.json")
-        cmd = [sys.executable, "eval.py", "--mode=alpaca", f"--ckpt={path}", f"--alpaca_file={file}",
-               f"--out_file={out}", "--chat=no", f"--batch_size={batch}",
+        cmd = [sys.executable, "eval.py", "--mode=alpaca", f"--ckpt={path}",
+               f"--alpaca_file={file}", f"--out_file={out}", "--chat=no", f"--batch_size={batch}",
                f"--max_new_tokens={new_tokens}", "--device=cpu"]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         t = time.perf_counter()
@@ -764,7 +855,7 @@ def alpaca_vs_transformers(path, args, tok, instructions, theirs_ids, theirs_s, 
     report("answers equal (100 chars)", [agree], [1.0], "", (">= 90%", lambda o, r: o >= 0.9))
 
 
-# ----------------------------------------------------------------------------- sections: add new ones here
+# ---------------------------------------------------------------------- sections: add new ones here
 
 BENCHMARKS = {"model": bench_model, "train": bench_train, "memory": bench_memory, "gpu": bench_gpu,
               "generate": bench_generate}
@@ -772,24 +863,32 @@ BENCHMARKS = {"model": bench_model, "train": bench_train, "memory": bench_memory
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("section", choices=sorted(BENCHMARKS))
-    parser.add_argument("--parts", default=",".join(MODEL_PARTS), help="model: a comma-separated subset of the parts")
+    parser.add_argument("--parts", default=",".join(MODEL_PARTS),
+                        help="model: a comma-separated subset of the parts")
     parser.add_argument("--repeats", type=int, default=5, help="rounds of each in-process timing")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, the same for ours and theirs")
-    parser.add_argument("--profile", action="store_true", help="model fwd_bwd: also print a torch.profiler table per side")
-    parser.add_argument("--no_measure", action="store_true", help="memory: the table only, no CPU measurement")
-    parser.add_argument("--dry", action="store_true", help="gpu: rehearse on the CPU, tiny shapes, no compile")
-    parser.add_argument("--data", default="", help="train, generate: a triples file (the CUT authors' "
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads, the same for ours and theirs")
+    parser.add_argument("--profile", action="store_true",
+                        help="model fwd_bwd: also print a torch.profiler table per side")
+    parser.add_argument("--no_measure", action="store_true",
+                        help="memory: the table only, no CPU measurement")
+    parser.add_argument("--dry", action="store_true",
+                        help="gpu: rehearse on the CPU, tiny shapes, no compile")
+    parser.add_argument("--data", default="",
+                        help="train, generate: a triples file (the CUT authors' "
                         "online iteration 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))  # the project's modules, also when run as scripts/bench.py
     start, load_avg = time.perf_counter(), os.getloadavg()[0]
     BENCHMARKS[args.section](args)
-    print(f"\n{args.section}: {time.perf_counter() - start:.0f} s, {args.threads} torch threads on {os.cpu_count()} cores, "
+    print(f"\n{args.section}: {time.perf_counter() - start:.0f} s, "
+          f"{args.threads} torch threads on {os.cpu_count()} cores, "
           f"1-min load average {load_avg:.1f} at the start and {os.getloadavg()[0]:.1f} at the end")
     if ROWS and load_avg > os.cpu_count() - args.threads + 0.5:
-        # a busy core stalls every parallel region of a multi-threaded op: medians then measure the neighbours
-        print("WARNING: other processes were using the cores this run needs; if the spreads are large, "
-              "trust 'best o/t' or rerun with --threads 1")
+        # a busy core stalls every parallel region of a multi-threaded op: medians then measure the
+        # neighbours
+        print("WARNING: other processes were using the cores this run needs; "
+              "if the spreads are large, trust 'best o/t' or rerun with --threads 1")
     if ROWS:
         print_table()

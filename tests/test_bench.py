@@ -1,5 +1,5 @@
-"""bench.py's memory formula against published parameter counts and a measured step, and its GPU check rehearsed on
-the CPU (bench.py gpu --dry), so that the command a lent GPU runs cannot rot."""
+"""bench.py's memory formula against published parameter counts and a measured step, and its GPU
+check rehearsed on the CPU (bench.py gpu --dry), so that the command a lent GPU runs cannot rot."""
 import os
 import subprocess
 import sys
@@ -12,27 +12,33 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parameter_counts_of_the_table_are_the_published_ones():
-    published = {"Llama-3.2-1B": 1_235_814_400, "Llama-3.2-3B": 3_212_749_824, "Llama-3.1-8B": 8_030_261_248,
-                 "Llama-3.1-70B": 70_553_706_496}  # the model cards on the Hugging Face Hub
-    assert {k: bench.param_counts(bench.llama_config(s))["total"] for k, s in bench.LLAMA_SHAPES.items()} == published
+    # the model cards on the Hugging Face Hub
+    published = {"Llama-3.2-1B": 1_235_814_400, "Llama-3.2-3B": 3_212_749_824,
+                 "Llama-3.1-8B": 8_030_261_248, "Llama-3.1-70B": 70_553_706_496}
+    assert {k: bench.param_counts(bench.llama_config(s))["total"]
+            for k, s in bench.LLAMA_SHAPES.items()} == published
 
 
 def test_predicted_step_memory_is_within_20_percent_of_the_measured_peak():
-    """A full fine-tune whose peak is weights, AdamW, autocast's copies, activations and logits in similar parts
-    (bench.py memory checks LoRA, grad_ckpt and the chunked logits the same way)."""
-    cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=768, vocab_size=16000)
+    """A full fine-tune whose peak is weights, AdamW, autocast's copies, activations and logits in
+    similar parts (bench.py memory checks LoRA, grad_ckpt and the chunked logits the same way)."""
+    cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=768,
+                      vocab_size=16000)
     predicted = bench.step_memory(cfg, "full", rows=4, seq=256, trained=512)["peak"]
     measured = bench.measure_step(cfg, "full", rows=4, seq=256, trained=512)
     assert 0.8 <= measured / predicted <= 1.2, (measured, predicted)
 
 
 def test_gpu_check_rehearsed_on_the_cpu():
-    proc = subprocess.run([sys.executable, "-m", "scripts.bench", "gpu", "--dry"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench", "gpu", "--dry"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert any(line.startswith("CUT step, bf16 on cpu vs fp32 on the CPU") and line.endswith("PASS") for line in lines)
+    assert any(line.startswith("CUT step, bf16 on cpu vs fp32 on the CPU") and line.endswith("PASS")
+               for line in lines)
     assert [line.split(":")[0] for line in lines if line.startswith("torchrun")] == [
         "torchrun DDP, 1 processes, float32", "torchrun FSDP, 1 processes, float32"]
     assert "FSDP losses within 0.0001 (relative) of DDP's: PASS" in lines
-    assert any(line.startswith("CUT step, tiny-shaped, bf16, 2 x 64 tokens on CPU") for line in lines)
+    assert any(line.startswith("CUT step, tiny-shaped, bf16, 2 x 64 tokens on CPU")
+               for line in lines)

@@ -1,4 +1,5 @@
-"""model.py against transformers' LlamaForCausalLM: logits, loaders, writer, generate, LoRA, bad input."""
+"""model.py against transformers' LlamaForCausalLM: logits, loaders, writer, generate, LoRA, bad
+input."""
 import json
 import struct
 
@@ -8,18 +9,21 @@ import transformers
 
 from model import ModelConfig, Transformer, add_lora, left_pad, merged_state_dict, LoRALinear
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-            vocab_size=101, rms_norm_eps=1e-5, max_position_embeddings=256, rope_theta=10000.0, tie_word_embeddings=False)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, vocab_size=101, rms_norm_eps=1e-5, max_position_embeddings=256,
+            rope_theta=10000.0, tie_word_embeddings=False)
 LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=32)
 
 
 def hf_model(seed=0, family="Llama", **overrides):
     torch.manual_seed(seed)
-    overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in overrides.items()}  # HF edits dicts in place
+    # HF edits dicts in place
+    overrides = {k: dict(v) if isinstance(v, dict) else v for k, v in overrides.items()}
     cfg = getattr(transformers, f"{family}Config")(**{**TINY, **overrides})
     m = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
-    with torch.no_grad():  # HF initialises norms to 1 and biases to 0; random values make the test able to fail on them
+    # HF initialises norms to 1 and biases to 0; random values make the test able to fail on them
+    with torch.no_grad():
         for n, p in m.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
@@ -52,8 +56,10 @@ def test_logits_match_transformers(tmp_path, overrides):
 
 
 @pytest.mark.parametrize("family, overrides", [
-    ("Llama", dict(num_key_value_heads=4)),             # Llama 2: no grouped-query attention, no rope scaling
-    ("Mistral", dict(sliding_window=16)),               # grouped-query attention, a window shorter than the sequences
+    # Llama 2: no grouped-query attention, no rope scaling
+    ("Llama", dict(num_key_value_heads=4)),
+    # grouped-query attention, a window shorter than the sequences
+    ("Mistral", dict(sliding_window=16)),
     ("Qwen2", dict(rope_theta=1e6)),                    # q/k/v biases, untied
     ("Qwen2", dict(tie_word_embeddings=True, num_key_value_heads=1)),
 ], ids=["llama2", "mistral", "qwen2", "qwen2-tied"])
@@ -64,14 +70,16 @@ def test_family_logits_generate_and_save_match_transformers(tmp_path, family, ov
     x = ids(T=40)
     torch.testing.assert_close(ours(x), hf_logits(ref, x), atol=1e-4, rtol=0)
     prompt = ids(T=7, B=1)  # with the KV cache, 37 tokens: past Mistral's window
-    expected = ref.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30, pad_token_id=0)
+    expected = ref.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30,
+                            pad_token_id=0)
     assert torch.equal(ours.generate(prompt, 30, temperature=0), expected)
     assert_batched_generate_matches(ours, ref)
     add_lora(ours, 4, 8.0, ("q_proj", "v_proj", "up_proj"))  # B = 0: the same model, biases kept
     torch.testing.assert_close(ours(x), hf_logits(ref, x), atol=1e-4, rtol=0)
     ours.save_pretrained(tmp_path / "ours")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
-    assert type(back) is type(ref) and back.config.tie_word_embeddings == ref.config.tie_word_embeddings
+    assert (type(back) is type(ref)
+            and back.config.tie_word_embeddings == ref.config.tie_word_embeddings)
     torch.testing.assert_close(hf_logits(back, x), hf_logits(ref, x), atol=1e-4, rtol=0)
 
 
@@ -83,12 +91,14 @@ def test_sharded_and_bf16_files(tmp_path):
     ours = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
     x = ids()
     torch.testing.assert_close(ours(x), hf_logits(ref32, x), rtol=0, atol=1e-4)
-    assert Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    assert (Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype
+            == torch.bfloat16)
 
 
 def test_older_top_level_rope_keys(tmp_path):
     ref = hf_model(rope_scaling=LLAMA3_SCALING, rope_theta=500000.0)
-    ref.save_pretrained(tmp_path)  # transformers writes the newer rope_parameters; rewrite as Llama 3.1's config.json
+    # transformers writes the newer rope_parameters; rewrite as Llama 3.1's config.json
+    ref.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg.pop("rope_parameters")["rope_theta"] == 500000.0
     cfg |= dict(rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)
@@ -108,12 +118,15 @@ def test_meta_layout_two_shards(tmp_path, n_kv_heads, vocab_size):
         return w.view(n, 2, hd // 2, c.hidden_size).transpose(1, 2).reshape(n * hd, c.hidden_size)
 
     sd = ref.state_dict()
-    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"],
+            "norm.weight": sd["model.norm.weight"],
             "output.weight": sd["lm_head.weight"]}
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        meta |= {f"layers.{i}.attention.wq.weight": unpermute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads),
-                 f"layers.{i}.attention.wk.weight": unpermute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads),
+        meta |= {f"layers.{i}.attention.wq.weight": unpermute(sd[p + "self_attn.q_proj.weight"],
+                                                              c.num_attention_heads),
+                 f"layers.{i}.attention.wk.weight": unpermute(sd[p + "self_attn.k_proj.weight"],
+                                                              c.num_key_value_heads),
                  f"layers.{i}.attention.wv.weight": sd[p + "self_attn.v_proj.weight"],
                  f"layers.{i}.attention.wo.weight": sd[p + "self_attn.o_proj.weight"],
                  f"layers.{i}.feed_forward.w1.weight": sd[p + "mlp.gate_proj.weight"],
@@ -121,9 +134,10 @@ def test_meta_layout_two_shards(tmp_path, n_kv_heads, vocab_size):
                  f"layers.{i}.feed_forward.w3.weight": sd[p + "mlp.up_proj.weight"],
                  f"layers.{i}.attention_norm.weight": sd[p + "input_layernorm.weight"],
                  f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"]}
-    # model parallelism: column-parallel weights split on dim 0, row-parallel (wo, w2) on dim 1, norms replicated;
-    # Llama 2's embedding splits its dim 1, Llama 3's its vocabulary
-    row_parallel = ("wo.weight", "w2.weight") + (("tok_embeddings.weight",) if vocab_size < 0 else ())
+    # model parallelism: column-parallel weights split on dim 0, row-parallel (wo, w2) on dim 1,
+    # norms replicated; Llama 2's embedding splits its dim 1, Llama 3's its vocabulary
+    row_parallel = (("wo.weight", "w2.weight")
+                    + (("tok_embeddings.weight",) if vocab_size < 0 else ()))
     for shard in range(2):
         part = {}
         for k, v in meta.items():
@@ -132,11 +146,13 @@ def test_meta_layout_two_shards(tmp_path, n_kv_heads, vocab_size):
         torch.save(part, tmp_path / f"consolidated.0{shard}.pth")
     # Meta's hidden size rule: 96 = multiple_of * ceil(int(2 * 4 * 64 / 3) * 0.5625 / multiple_of)
     # Llama 2's params.json has no n_kv_heads and vocab_size -1 (the tokenizer's size)
-    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab_size, multiple_of=32,
-                  ffn_dim_multiplier=0.5625, norm_eps=1e-5, rope_theta=10000.0)
-    (tmp_path / "params.json").write_text(json.dumps({k: v for k, v in params.items() if v is not None}))
+    params = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
+                  multiple_of=32, ffn_dim_multiplier=0.5625, norm_eps=1e-5, rope_theta=10000.0)
+    (tmp_path / "params.json").write_text(
+        json.dumps({k: v for k, v in params.items() if v is not None}))
     ours = Transformer.from_pretrained(tmp_path)
-    assert (ours.cfg.hidden_dim, ours.cfg.vocab_size, ours.cfg.n_kv_heads) == (96, 101, n_kv_heads or 4)
+    assert ((ours.cfg.hidden_dim, ours.cfg.vocab_size, ours.cfg.n_kv_heads)
+            == (96, 101, n_kv_heads or 4))
     x = ids()
     torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
 
@@ -144,7 +160,8 @@ def test_meta_layout_two_shards(tmp_path, n_kv_heads, vocab_size):
 def test_save_pretrained_read_by_transformers(tmp_path):
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96,
-                      rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32))
+                      rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                        original_max_position_embeddings=32))
     ours = Transformer(cfg)
     ours.save_pretrained(tmp_path)
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
@@ -173,10 +190,12 @@ def test_batched_generate_stops_rows_and_samples_reproducibly():
     """A row that stops leaves the batch; the others go on as they would alone. Seeded sampling is
     reproducible."""
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50,
+                                hidden_dim=64))
     prompts = [ids(T=n, B=1, vocab=50, seed=n)[0].tolist() for n in (2, 9, 5, 14)]
     alone = [m.generate(torch.tensor([p]), 10, temperature=0)[0, len(p):] for p in prompts]
-    stop = alone[0][2].item()  # row 0 stops at its third new token, the others whenever they meet it
+    # row 0 stops at its third new token, the others whenever they meet it
+    stop = alone[0][2].item()
     x, pad = left_pad(prompts)
     out = m.generate(x, 10, temperature=0, stop_ids=[stop], pad=pad)[:, x.shape[1]:]
     for row, want in zip(out, alone):
@@ -191,10 +210,12 @@ def test_batched_generate_stops_rows_and_samples_reproducibly():
 
 def test_greedy_generate_matches_transformers():
     ref = hf_model()
-    ours = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96, max_seq_len=256))
+    ours = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101,
+                                   hidden_dim=96, max_seq_len=256))
     ours.load_state_dict(ref.state_dict())
     x = ids(T=7, B=1)
-    expected = ref.generate(x, max_new_tokens=30, do_sample=False, min_new_tokens=30, pad_token_id=0)
+    expected = ref.generate(x, max_new_tokens=30, do_sample=False, min_new_tokens=30,
+                            pad_token_id=0)
     assert torch.equal(ours.generate(x, 30, temperature=0), expected)
     # batched with a KV cache equals the slow way: full forward, argmax, append
     xb = ids(T=5, B=3)
@@ -206,7 +227,8 @@ def test_greedy_generate_matches_transformers():
 
 def test_generate_stops_and_sampling_options():
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    m = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50,
+                                hidden_dim=64))
     x = ids(T=4, B=2, vocab=50)
     greedy = m.generate(x, 12, temperature=0)
     assert torch.equal(m.generate(x, 12, temperature=1.0, top_k=1), greedy)
@@ -224,7 +246,8 @@ def test_real_smollm2_logits_and_generate(smollm2_dir):
     ref = transformers.LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     ours = Transformer.from_pretrained(smollm2_dir)
     assert ours.cfg.tie_embeddings and ours.cfg.n_kv_heads == 3
-    x = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407]])
+    x = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28,
+                       7018, 411, 407]])
     torch.testing.assert_close(ours(x), hf_logits(ref, x), rtol=0, atol=1e-4)
     expected = ref.generate(x, max_new_tokens=16, do_sample=False, min_new_tokens=16)
     assert torch.equal(ours.generate(x, 16, temperature=0), expected)
@@ -233,7 +256,8 @@ def test_real_smollm2_logits_and_generate(smollm2_dir):
 
 def test_lora_trains_adapters_only_and_merges():
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50,
+                                hidden_dim=64))
     base = {k: v.clone() for k, v in m.state_dict().items()}
     add_lora(m, rank=4, alpha=8)
     trainable = [n for n, p in m.named_parameters() if p.requires_grad]
@@ -255,7 +279,7 @@ def test_lora_trains_adapters_only_and_merges():
     torch.testing.assert_close(plain(x), m(x), rtol=0, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- bad input, one clear message each
+# ---------------------------------------------------------------- bad input, one clear message each
 
 def saved_tiny(tmp_path):
     hf_model().save_pretrained(tmp_path)
@@ -293,7 +317,8 @@ def test_shape_mismatch_and_missing_tensor(tmp_path):
     saved_tiny(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=80)))
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape"):
+    with pytest.raises(ValueError, match=(r"model\.safetensors: tensor "
+                                          r"'model\.layers\.0\.mlp\.\w+_proj\.weight' has shape")):
         Transformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=3)))
     with pytest.raises(ValueError, match=r"missing tensor\(s\) model\.layers\.2\."):
@@ -301,20 +326,25 @@ def test_shape_mismatch_and_missing_tensor(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(model_type="gemma"), "model_type 'gemma' is not supported"),  # same tensor names, other maths
-    (dict(attention_bias=True), "model_type 'llama' attention_bias is not supported"),  # o_proj too
-    (dict(model_type="qwen2", use_sliding_window=True), "model_type 'qwen2' use_sliding_window is not supported"),
+    # same tensor names, other maths
+    (dict(model_type="gemma"), "model_type 'gemma' is not supported"),
+    # o_proj too
+    (dict(attention_bias=True), "model_type 'llama' attention_bias is not supported"),
+    (dict(model_type="qwen2", use_sliding_window=True),
+     "model_type 'qwen2' use_sliding_window is not supported"),
 ])
 def test_unsupported_families_fail_clearly(tmp_path, edit, message):
     saved_tiny(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, **edit)))
-    with pytest.raises(ValueError, match=rf"config\.json: {message}; supported: llama, mistral .*qwen2"):
+    with pytest.raises(ValueError,
+                       match=rf"config\.json: {message}; supported: llama, mistral .*qwen2"):
         Transformer.from_pretrained(tmp_path)
 
 
 def loss_and_grads(m, logp):
-    """A weighted sum of the log-probs (weights that differ per position, so a misplaced value shows) and its grads."""
+    """A weighted sum of the log-probs (weights that differ per position, so a misplaced value
+    shows) and its grads."""
     loss = (logp * torch.linspace(0.5, 1.5, len(logp))).sum()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
@@ -324,17 +354,22 @@ def loss_and_grads(m, logp):
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_chunked_target_logprobs_equal_the_full_log_softmax(monkeypatch, autocast):
-    """model(idx, targets=...) in blocks of 7 positions against log_softmax over the full (B, T, vocab) logits: the
-    same values and gradients, and the lm_head never sees more than 7 positions, forward or backward."""
+    """model(idx, targets=...) in blocks of 7 positions against log_softmax over the full
+    (B, T, vocab) logits: the same values and gradients, and the lm_head never sees more than 7
+    positions, forward or backward."""
     import model
     monkeypatch.setattr(model, "LOGIT_CHUNK", 7)
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50,
+                                hidden_dim=64))
     x = ids(T=12, B=3, vocab=50)
-    targets = torch.where(torch.rand(3, 12, generator=torch.Generator().manual_seed(3)) > 0.4, ids(12, 3, 50, 4), -100)
+    targets = torch.where(torch.rand(3, 12, generator=torch.Generator().manual_seed(3)) > 0.4,
+                          ids(12, 3, 50, 4), -100)
     trained = targets != -100
-    assert 14 < int(trained.sum()) < 21 and int(trained.sum()) % 7  # three blocks, the last one short
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    # three blocks, the last one short
+    assert 14 < int(trained.sum()) < 21 and int(trained.sum()) % 7
+    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
+           else torch.autocast("cpu", enabled=False))
     with ctx:
         logits = m(x).float()
     want = logits.log_softmax(-1)[trained].gather(1, targets[trained][:, None])[:, 0]
@@ -345,17 +380,21 @@ def test_chunked_target_logprobs_equal_the_full_log_softmax(monkeypatch, autocas
         got = m(x, targets=targets)
     got_loss, got_grads = loss_and_grads(m, got)
     blocks = [7, 7, int(trained.sum()) - 14]
-    assert rows_seen == blocks + blocks[::-1]  # each block in forward, then again, last first, in backward
+    # each block in forward, then again, last first, in backward
+    assert rows_seen == blocks + blocks[::-1]
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(got_loss, want_loss)
-    for k, want_grad in want_grads.items():  # under autocast each block's lm_head gradient is rounded to bf16 alone
+    # under autocast each block's lm_head gradient is rounded to bf16 alone
+    for k, want_grad in want_grads.items():
         rtol = 1.6e-2 if autocast else 1.3e-6  # bf16's resolution, or float32's default
-        torch.testing.assert_close(got_grads[k], want_grad, rtol=rtol, atol=1e-5 + rtol * want_grad.abs().max().item())
+        torch.testing.assert_close(got_grads[k], want_grad, rtol=rtol,
+                                   atol=1e-5 + rtol * want_grad.abs().max().item())
 
 
 def test_grad_ckpt_recomputes_each_block_with_the_same_loss_and_gradients():
     torch.manual_seed(0)
-    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64))
+    m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50,
+                                hidden_dim=64))
     x, targets = ids(T=10, B=2, vocab=50), ids(T=10, B=2, vocab=50, seed=5)
     want = loss_and_grads(m, m(x, targets=targets))
     calls = []
@@ -376,7 +415,9 @@ class Payload:
 
 def test_meta_file_with_pickled_code_is_refused_in_one_line(tmp_path, capsys):
     torch.save({"tok_embeddings.weight": Payload()}, tmp_path / "consolidated.00.pth")
-    (tmp_path / "params.json").write_text(json.dumps({"dim": 8, "n_layers": 1, "n_heads": 2, "vocab_size": 16}))
-    with pytest.raises(ValueError, match=r"consolidated.NN.pth that is not plain tensors \(pickled code or objects"):
+    (tmp_path / "params.json").write_text(
+        json.dumps({"dim": 8, "n_layers": 1, "n_heads": 2, "vocab_size": 16}))
+    with pytest.raises(ValueError, match=(r"consolidated.NN.pth that is not plain tensors "
+                                          r"\(pickled code or objects")):
         Transformer.from_pretrained(tmp_path)
     assert "ran" not in capsys.readouterr().out
