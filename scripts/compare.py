@@ -1,6 +1,7 @@
 """The evidence: CUT against its baselines on the built-in task, every method tuned the same way.
 
     python -m scripts.compare --jobs=2        # out/compare/compare.{json,md}, figures/compare.svg and figures/curves.svg
+                                              # (another --out_dir: its figures in it, not in figures/)
 
 One base model (train.py's base phase) is fine-tuned by every method in two regimes (docs/cut.md says why):
   mixed  the base's own answer format, 25% of the responses flawed: the authors' online-iteration mix;
@@ -13,6 +14,7 @@ settings, for every seed. Each run resumes where it stopped: rerun the command a
 This is an experiment driver: it runs train.py and eval.py as a user would.
 """
 import json
+import math
 import os
 import shutil
 import statistics
@@ -26,7 +28,7 @@ from xml.sax.saxutils import escape
 import torch
 
 import train
-from support.settings import configure
+from support.settings import configure, run_program
 from eval import markdown
 
 HERE = Path(__file__).resolve().parents[1]  # the repository
@@ -255,18 +257,36 @@ def svg_curves(curves):
             f'font-size="11"><rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
 
 
+def check(c):
+    """Each list setting, parsed before any run: one line naming the setting that is wrong."""
+    for key, parse in (("lrs", float), ("lams", float), ("stages", int)):
+        try:
+            values = [parse(v) for v in getattr(c, key).split(",")]
+        except ValueError:
+            raise ValueError(f"config key {key!r}: expected comma-separated {parse.__name__}s, "
+                             f"got {getattr(c, key)!r}") from None
+        if not all(0 < v < math.inf for v in values):
+            raise ValueError(f"config key {key!r}: expected finite values > 0, got {getattr(c, key)!r}")
+    for key in ("jobs", "seeds", "n_val", "n_test"):
+        if getattr(c, key) < 1:
+            raise ValueError(f"config key {key!r}: expected >= 1, got {getattr(c, key)}")
+
+
 def main(argv):
     c = configure(Config(), argv)
+    check(c)
     result = compare(c)
     md, rows, curves = report(result)
     root = Path(c.out_dir)
     (root / "compare.json").write_text(json.dumps(dict(result, summary=rows), indent=1))
     (root / "compare.md").write_text(md)
-    (HERE / "figures").mkdir(exist_ok=True)
-    (HERE / "figures" / "compare.svg").write_text(svg_bars(rows))
-    (HERE / "figures" / "curves.svg").write_text(svg_curves(curves))
+    # the repository's figures come from the default run only: another out_dir keeps its own
+    figures = HERE / "figures" if c.out_dir == Config.out_dir else root
+    figures.mkdir(exist_ok=True)
+    (figures / "compare.svg").write_text(svg_bars(rows))
+    (figures / "curves.svg").write_text(svg_curves(curves))
     print(md)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)
