@@ -220,9 +220,8 @@ def triples_eval(c):
 
 def alpaca(c):
     if not c.alpaca_file:
-        raise ValueError("mode 'alpaca' needs --alpaca_file=FILE: AlpacaEval's instructions, "
-                         "published in github.com/tatsu-lab/alpaca_eval "
-                         "(results/text_davinci_003/model_outputs.json)")
+        raise ValueError("mode 'alpaca' needs --alpaca_file=FILE, AlpacaEval's instructions: "
+                         "tatsu-lab/alpaca_eval's results/text_davinci_003/model_outputs.json")
     if not Path(c.alpaca_file).is_file():
         raise FileNotFoundError(f"alpaca_file {c.alpaca_file}: no such file")
     try:

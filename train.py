@@ -5,10 +5,9 @@ torchrun with DDP or FSDP.
     python train.py --init_from=DIR --data=FILE --lora_rank=16
     torchrun --nproc_per_node=8 train.py run.json # a JSON config file, then --key=value flags
 
-data.py turns triples into batches of sequences, model.py gives log-probs, cut_loss.py the loss;
-this file is the loop: AdamW after a warmup at a constant or cosine-decayed rate, gradient
-accumulation, autocast, DDP or FSDP, LoRA, activation checkpointing, atomic checkpoints, --resume,
-and a clean stop on Ctrl-C or SIGTERM.
+data.py turns triples into batches, model.py gives log-probs, cut_loss.py the loss; this file is
+the loop: AdamW, a warmup then a constant or cosine rate, accumulation, autocast, DDP or FSDP, LoRA,
+activation checkpointing, atomic checkpoints, --resume, a clean stop on Ctrl-C or SIGTERM.
 """
 import json
 import math

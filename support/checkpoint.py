@@ -25,8 +25,7 @@ def read_checkpoint(path):
         return _read_hf(path)
     if (path / "params.json").exists():
         return _read_meta(path)
-    raise FileNotFoundError(
-        f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
+    raise FileNotFoundError(f"{path}: no config.json (Hugging Face) or params.json (Meta layout)")
 
 
 def check_tensors(path, tensors, expected):

@@ -1,6 +1,6 @@
 """Issue 21, case by case: no program deletes or writes what is not its own, no broken model is saved, every rank
 resumes from the same checkpoint, and the unclear messages name what fixes them. (Not done, for the line budget:
-8's lock, 9, 10, 11's tokenizer_config.json warning, 12's built-in run resumed by another path.)"""
+8's lock, 9, 10, 12's built-in run resumed by another path.)"""
 import json
 import os
 import shutil
@@ -211,7 +211,7 @@ def test_7_every_rank_resumes_from_the_finished_checkpoint(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- 11: a blank judgment
+# ----------------------------------------------------------------------------- 11: a blank judgment, a partial tokenizer
 def test_11_a_judgment_of_only_spaces_is_refused(tmp_path):
     for records_text, where in [('{"instruction": "q", "response": "a", "judgment": "  \\n "}', "line 1"),
                                 ('[{"instruction": "q", "output": "a", "judgment": " "}]', "record 0")]:
@@ -219,6 +219,14 @@ def test_11_a_judgment_of_only_spaces_is_refused(tmp_path):
         f.write_text(records_text)
         with pytest.raises(ValueError, match=f"{f}: {where}: field 'judgment' holds only spaces"):
             run(tmp_path / "out", f"--data={f}", "--max_iters=1")
+
+
+def test_11_a_tokenizer_json_without_its_config_is_named(tmp_path, capsys):
+    Tokenizer.byte_level().save(tmp_path)
+    assert Tokenizer.from_pretrained(tmp_path).instruct and "warning" not in capsys.readouterr().out
+    (tmp_path / "tokenizer_config.json").unlink()
+    assert not Tokenizer.from_pretrained(tmp_path).instruct  # the Alpaca template, said aloud
+    assert capsys.readouterr().out.startswith(f"warning: {tmp_path / 'tokenizer.json'}: no tokenizer_config.json")
 
 
 # ----------------------------------------------------------------------------- 12: messages that say what to do
