@@ -55,15 +55,16 @@ def floats(text):
 
 
 class Runner:
-    """Runs train.py and eval.py in subprocesses, each logging to a file of the run it belongs to."""
+    """Runs train.py and eval.py in subprocesses, each logging to a file of the run it belongs to (train.py's
+    beside its out_dir, which train.py writes only when it is empty or a run)."""
 
     def __init__(self, c):
         self.c, self.root = c, Path(c.out_dir).resolve()
         self.env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
 
-    def sh(self, log_dir, *argv):
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / "commands.log", "a") as log:
+    def sh(self, log_file, *argv):
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as log:
             log.write(" ".join(argv) + "\n")
             log.flush()
             subprocess.run([sys.executable, *argv], cwd=HERE, check=True, stdout=log, stderr=log, env=self.env)
@@ -76,7 +77,8 @@ class Runner:
             train.open_run(configure(train.Config(), [*args, f"--out_dir={run_dir}", "--resume=True"]), master=False)
         if done < steps:
             flag = "--resume=True" if done else "--overwrite=True"
-            self.sh(run_dir, "train.py", f"--out_dir={run_dir}", *args, f"--max_iters={steps}", flag)
+            self.sh(run_dir.with_name(f"{run_dir.name}.commands.log"), "train.py", f"--out_dir={run_dir}", *args,
+                    f"--max_iters={steps}", flag)
         snap = run_dir / f"step{steps}"
         if not (snap / "model.safetensors").is_file():
             snap.mkdir(exist_ok=True)
@@ -89,7 +91,7 @@ class Runner:
         out = ckpt / f"eval_{split}_{regime}_lam{lam:g}.json"
         if not out.is_file():
             n = self.c.n_val if split == "val" else self.c.n_test
-            self.sh(ckpt, "eval.py", f"--ckpt={ckpt}", f"--task={regime}", f"--split={split}", f"--n_eval={n}",
+            self.sh(ckpt / "commands.log", "eval.py", f"--ckpt={ckpt}", f"--task={regime}", f"--split={split}", f"--n_eval={n}",
                     f"--lam={lam}", f"--out_file={out}")
         return json.loads(out.read_text())["rows"][-1]
 
@@ -122,7 +124,7 @@ def compare(c):
     base = root / "base"
     if not (base / "train_state.pt").is_file() or torch.load(base / "train_state.pt", weights_only=True)["iter"] < \
             train.Config().base_iters:
-        runner.sh(root, "-c", f"import train; train.train(train.base_config(train.Config(out_dir={str(root)!r}, "
+        runner.sh(root / "commands.log", "-c", f"import train; train.train(train.base_config(train.Config(out_dir={str(root)!r}, "
                               f"resume={(base / 'train_state.pt').is_file()}, overwrite=True)))")
 
     # 1. the grid, seed 1, with a validation curve along the schedule
