@@ -59,9 +59,7 @@ def prompt_ids(tok, instruction, judgment=None, chat=False):
     if tok.chat is None:
         raise ValueError("chat=True, but the tokenizer has no chat format of "
                          f"{', '.join(CHAT_FORMATS)}; set chat 'no'")
-    content = instruction
-    if judgment is not None:
-        content = instruction + JUDGMENT_HEADER + judgment
+    content = instruction if judgment is None else instruction + JUDGMENT_HEADER + judgment
     # special tokens are looked up, never parsed from text, so the user's text stays text; the text
     # between two special tokens is encoded in one piece (Llama 2's [INST] is text)
     text = ""
@@ -127,10 +125,8 @@ def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: in
         if t.refinement is not None and not is_neg and mode not in PAIRED:
             raise ValueError(f"a preference pair (prompt {t.instruction[:40]!r}) trains with "
                              "--loss=dpo only")
-        if (mode == "sft" and is_neg) or (mode in PAIRED and t.refinement is None):
-            skipped += 1
-            continue
-        if mode == "ilf_mle" and is_neg and t.refinement is None:
+        unrefined = (mode in PAIRED or (mode == "ilf_mle" and is_neg)) and t.refinement is None
+        if (mode == "sft" and is_neg) or unrefined:
             skipped += 1
             continue
         response = tok.encode(t.response)  # once: every row of the triple trains the same ids

@@ -117,10 +117,8 @@ def markdown(rows, columns):
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- modes
 def task_eval(model, tok, chat, c):
-    """The built-in task: sampled answers to the split's instructions, and U on held-out flawed
-    responses."""
+    """The built-in task: sampled answers to the split's instructions, U on held-out flawed ones."""
     tasks = letters.make_task(c.n_eval, seed=c.eval_seed, split=c.split)
     instructions = [t.instruction for t in tasks]
     torch.manual_seed(c.seed)  # the same samples for the same model
@@ -222,9 +220,8 @@ def triples_eval(c):
 
 def alpaca(c):
     if not c.alpaca_file:
-        raise ValueError("mode 'alpaca' needs --alpaca_file=FILE: AlpacaEval's instructions, "
-                         "published in github.com/tatsu-lab/alpaca_eval "
-                         "(results/text_davinci_003/model_outputs.json)")
+        raise ValueError("mode 'alpaca' needs --alpaca_file=FILE, AlpacaEval's instructions: "
+                         "tatsu-lab/alpaca_eval's results/text_davinci_003/model_outputs.json")
     if not Path(c.alpaca_file).is_file():
         raise FileNotFoundError(f"alpaca_file {c.alpaca_file}: no such file")
     try:
@@ -249,8 +246,11 @@ TABLES = {"task": "model accuracy swap missing other new_format U_precision U_re
 def main(argv):
     c = configure(Config(), argv, CHOICES)
     out_file = Path(c.out_file or Path(c.ckpt, f"eval_{c.mode}.json"))
-    if out_file.is_dir():  # before the evaluation, not after it
-        raise ValueError(f"out_file {out_file}: a directory")
+    if out_file.resolve() in [Path(p).resolve() for p in (c.data, c.alpaca_file) if p]:
+        raise ValueError(f"out_file {out_file} is a file this command reads: choose another")
+    parent = next(p for p in out_file.absolute().parents if p.exists())  # the rest made later
+    if out_file.is_dir() or not parent.is_dir() or not os.access(parent, os.W_OK):  # now, not after
+        raise ValueError(f"out_file {out_file}: a directory, or not in one that can be written")
     result = MODES[c.mode](c)
     if c.mode in TABLES:
         print(markdown(result["rows"], TABLES[c.mode].split()))

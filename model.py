@@ -41,8 +41,6 @@ class ModelConfig:
                              f"({self.n_kv_heads})")
 
 
-# ----------------------------------------------------------------------------- layers
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -136,8 +134,6 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
-# ----------------------------------------------------------------------------- the model
 
 class Transformer(nn.Module):
     def __init__(self, cfg):
@@ -319,8 +315,6 @@ def left_pad(prompts, device=None):
     pad = torch.tensor([T - len(p) for p in prompts])
     return idx.to(device), pad.to(device)
 
-
-# ----------------------------------------------------------------------------- LoRA
 
 class LoRALinear(nn.Linear):
     """A frozen linear layer plus a trainable low-rank update: y = x W^T + scale x A^T B^T."""

@@ -48,8 +48,7 @@ def read_prompt(prompt):
 
 
 def stream(model, tok, x, c):
-    """Generate after x (1, T), printing the new text as it comes; returns the times at which each
-    token arrived."""
+    """Generate after x (1, T), printing the text as it comes; returns each token's arrival time."""
     ids = []
     times = []
     shown = ""
@@ -102,8 +101,7 @@ def main(argv):
         return
     start = time.perf_counter()
     times = stream(model, tok, x, c)
-    # tokens/s from the second token on: the first one pays for the prompt
-    rate = ""
+    rate = ""  # tokens/s from the second token on: the first one pays for the prompt
     if len(times) > 2:
         rate = f", then {(len(times) - 2) / (times[-1] - times[1]):.1f} tokens/s"
     print(f"[{len(ids)} prompt tokens, first new token after {times[0] - start:.2f}s{rate}, "

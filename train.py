@@ -5,10 +5,9 @@ torchrun with DDP or FSDP.
     python train.py --init_from=DIR --data=FILE --lora_rank=16
     torchrun --nproc_per_node=8 train.py run.json # a JSON config file, then --key=value flags
 
-data.py turns triples into batches of sequences, model.py gives log-probs, cut_loss.py the loss;
-this file is the loop: AdamW after a warmup at a constant or cosine-decayed rate, gradient
-accumulation, autocast, DDP or FSDP, LoRA, activation checkpointing, atomic checkpoints, --resume,
-and a clean stop on Ctrl-C or SIGTERM.
+data.py turns triples into batches, model.py gives log-probs, cut_loss.py the loss; this file is
+the loop: AdamW, a warmup then a constant or cosine rate, accumulation, autocast, DDP or FSDP, LoRA,
+activation checkpointing, atomic checkpoints, --resume, a clean stop on Ctrl-C or SIGTERM.
 """
 import json
 import math
@@ -35,7 +34,7 @@ from cut_loss import batch_loss, response_logprobs
 from data import (LOSS_MODES, PAIRED, collate, encode_triples, load_checkpoint, split_triples,
                   use_chat)
 from model import ModelConfig, Transformer, add_lora, lora_disabled
-from support.runs import open_run, report, save_checkpoint
+from support.runs import RUN_FILES, finite, open_run, report, save_checkpoint
 from support.settings import configure, run_program
 from support.tokenizer import Tokenizer
 from support.triple_files import data_hash, load_triples
@@ -154,9 +153,7 @@ def load_data(cfg, tok, chat, master):
     enc = lambda ts: encode_triples(tok, ts, cfg.loss, cfg.max_len, chat, verbose=master)
     train_e = enc(train_t)
     if not train_e:
-        why = ""
-        if cfg.loss == "sft":
-            why = " (sft trains on acceptable triples only, and every triple here is flawed)"
+        why = " (sft: only acceptable triples; all here are flawed)" if cfg.loss == "sft" else ""
         raise ValueError(f"{cfg.data}: no triples left to train on with loss={cfg.loss}{why}")
     return train_e, enc(val_t)
 
@@ -175,8 +172,6 @@ def check_settings(cfg, ddp, world):
     if cfg.loss in PAIRED and (cfg.init_from == "scratch" or cfg.fsdp):
         raise ValueError(f"loss={cfg.loss} needs an init_from, the reference model, and no fsdp "
                          "(the reference would be a second, unsharded copy; use LoRA or DDP)")
-    if cfg.init_from != "scratch" and not Path(cfg.init_from).is_dir():
-        raise FileNotFoundError(f"init_from {cfg.init_from}: no such checkpoint directory")
     if cfg.data != "builtin" and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"data {cfg.data}: no such triples file")
 
@@ -191,9 +186,7 @@ def build_model(cfg, state, dev):
                                 hidden_dim=3 * cfg.dim, max_seq_len=cfg.max_len + 1)
         model = Transformer(model_cfg).to(dev)
     else:
-        src = cfg.init_from
-        if state and not cfg.lora_rank:
-            src = cfg.out_dir
+        src = cfg.out_dir if state and not cfg.lora_rank else cfg.init_from
         # LoRA's frozen base in the training dtype; a full fine-tune keeps fp32 master weights
         dtype = getattr(torch, cfg.dtype) if cfg.lora_rank else torch.float32
         model, tok = load_checkpoint(src, dtype=dtype, device=dev)
@@ -270,8 +263,6 @@ def set_up(cfg):
     torch.manual_seed(cfg.seed)
     state = open_run(cfg, rank == 0)
     data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)  # open_run read a resume's
-    if ddp:  # the other ranks go on once rank 0 has finished an interrupted save
-        dist.barrier()
     model, tok = build_model(cfg, state, dev)
     train_e, val_e = load_data(cfg, tok, use_chat(tok, cfg.chat), rank == 0)
     params = trainable_params(model, cfg, state)
@@ -309,9 +300,11 @@ def train_step(run, it, cfg):
         frac = torch.as_tensor(stats["frac_unlikely"], device=run.dev)
         sums += torch.stack([loss.detach().float(), frac])
         tokens += n
-    if cfg.grad_clip:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip)
+    run.scaler.unscale_(run.optimizer)
+    # the gradient norm (unclipped at grad_clip 0): a non-finite one makes the loss NaN, a stop
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip or math.inf)
+    if not run.scaler.is_enabled():  # float16's scaler skips the steps with inf gradients itself
+        sums[0] += 0 * (norm.full_tensor() if cfg.fsdp else norm)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -353,7 +346,10 @@ def train(cfg):
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     if master:
         out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.jsonl", "a") if master else None
+    if master and cfg.overwrite and not run.start_iter:  # the old run goes once the new can start
+        for f in [*RUN_FILES, *out.glob("eval_*.json"), *out.glob("model-*.safetensors")]:
+            (out / f).unlink(missing_ok=True)
+    log = open(out / "log.jsonl", "a" if run.start_iter else "w") if master else None
     bar = tqdm(range(run.start_iter, cfg.max_iters), initial=run.start_iter, total=cfg.max_iters,
                disable=not master, desc=f"{cfg.loss} {out}", dynamic_ncols=True)
     summary = {"out_dir": str(out), "iters": run.start_iter, "stopped_by": None}
@@ -368,6 +364,7 @@ def train(cfg):
             if run.world > 1:  # every rank stops at the same iteration
                 dist.all_reduce(flags)
             loss, frac = (flags[:2] / cfg.gradient_accumulation_steps).tolist()
+            finite(loss, it, out)
             stopping = flags[2].item() > 0
             last = it == cfg.max_iters - 1
             summary.update(iters=it + 1, loss=loss, frac_unlikely=frac)
@@ -377,7 +374,7 @@ def train(cfg):
                           "lr": lr_at(it, cfg), "tok_per_s": round(speed)}
                 evaluating = (it % cfg.eval_interval == 0 or last) and run.val_e
                 if evaluating and (master or cfg.fsdp):  # under FSDP every rank takes part
-                    record["val_loss"] = round(evaluate(run, cfg), 5)
+                    record["val_loss"] = round(finite(evaluate(run, cfg), it, out), 5)
                     summary["val_loss"] = record["val_loss"]
                 bar.set_postfix({k: v for k, v in record.items() if k not in ("iter", "lr")})
                 if master:
@@ -423,15 +420,13 @@ def main(argv):
         if cfg.data == "builtin" and cfg.init_from == "scratch" and cfg.base_iters:
             # CUT fine-tunes a model that can do the task: an MLE base learns it, and its mistake
             base = base_config(cfg)
-            has_state = lambda c: cfg.resume and (Path(c.out_dir) / "train_state.pt").exists()
-            if not cfg.resume and not cfg.overwrite:  # refuse a second run before the base trains
-                open_run(cfg, master=False)
-            # under --resume a phase goes on from its checkpoint, or starts again if it has none
-            phase = lambda c: replace(c, resume=has_state(c), overwrite=c.overwrite or c.resume)
-            summary = train(phase(base))
+            # --resume: the base goes on from its checkpoint, CUT from its own or from the start
+            resume = cfg.resume and Path(cfg.out_dir, "train_state.pt").is_file()
+            cfg = replace(cfg, init_from=base.out_dir, resume=resume)
+            open_run(cfg, master=False)  # a second run, a foreign out_dir: refused before the base
+            summary = train(base)
             if not summary["stopped_by"]:
-                cfg = replace(cfg, init_from=base.out_dir)
-                summary = train(phase(cfg))
+                summary = train(cfg)
         else:
             summary = train(cfg)
         if ddp:  # no rank tears gloo down while rank 0 still saves (else a rank aborted at exit)

@@ -1,6 +1,7 @@
 """The evidence: CUT against its baselines on the built-in task, every method tuned the same way.
 
     python -m scripts.compare --jobs=2        # out/compare/compare.{json,md}, figures/compare.svg and figures/curves.svg
+                                              # (another --out_dir: its figures in it, not in figures/)
 
 One base model (train.py's base phase) is fine-tuned by every method in two regimes (docs/cut.md says why):
   mixed  the base's own answer format, 25% of the responses flawed: the authors' online-iteration mix;
@@ -13,6 +14,7 @@ settings, for every seed. Each run resumes where it stopped: rerun the command a
 This is an experiment driver: it runs train.py and eval.py as a user would.
 """
 import json
+import math
 import os
 import shutil
 import statistics
@@ -26,7 +28,7 @@ from xml.sax.saxutils import escape
 import torch
 
 import train
-from support.settings import configure
+from support.settings import configure, run_program
 from eval import markdown
 
 HERE = Path(__file__).resolve().parents[1]  # the repository
@@ -53,15 +55,16 @@ def floats(text):
 
 
 class Runner:
-    """Runs train.py and eval.py in subprocesses, each logging to a file of the run it belongs to."""
+    """Runs train.py and eval.py in subprocesses, each logging to a file of the run it belongs to (train.py's
+    beside its out_dir, which train.py writes only when it is empty or a run)."""
 
     def __init__(self, c):
         self.c, self.root = c, Path(c.out_dir).resolve()
         self.env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
 
-    def sh(self, log_dir, *argv):
-        log_dir.mkdir(parents=True, exist_ok=True)
-        with open(log_dir / "commands.log", "a") as log:
+    def sh(self, log_file, *argv):
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as log:
             log.write(" ".join(argv) + "\n")
             log.flush()
             subprocess.run([sys.executable, *argv], cwd=HERE, check=True, stdout=log, stderr=log, env=self.env)
@@ -74,7 +77,8 @@ class Runner:
             train.open_run(configure(train.Config(), [*args, f"--out_dir={run_dir}", "--resume=True"]), master=False)
         if done < steps:
             flag = "--resume=True" if done else "--overwrite=True"
-            self.sh(run_dir, "train.py", f"--out_dir={run_dir}", *args, f"--max_iters={steps}", flag)
+            self.sh(run_dir.with_name(f"{run_dir.name}.commands.log"), "train.py", f"--out_dir={run_dir}", *args,
+                    f"--max_iters={steps}", flag)
         snap = run_dir / f"step{steps}"
         if not (snap / "model.safetensors").is_file():
             snap.mkdir(exist_ok=True)
@@ -87,7 +91,7 @@ class Runner:
         out = ckpt / f"eval_{split}_{regime}_lam{lam:g}.json"
         if not out.is_file():
             n = self.c.n_val if split == "val" else self.c.n_test
-            self.sh(ckpt, "eval.py", f"--ckpt={ckpt}", f"--task={regime}", f"--split={split}", f"--n_eval={n}",
+            self.sh(ckpt / "commands.log", "eval.py", f"--ckpt={ckpt}", f"--task={regime}", f"--split={split}", f"--n_eval={n}",
                     f"--lam={lam}", f"--out_file={out}")
         return json.loads(out.read_text())["rows"][-1]
 
@@ -120,7 +124,7 @@ def compare(c):
     base = root / "base"
     if not (base / "train_state.pt").is_file() or torch.load(base / "train_state.pt", weights_only=True)["iter"] < \
             train.Config().base_iters:
-        runner.sh(root, "-c", f"import train; train.train(train.base_config(train.Config(out_dir={str(root)!r}, "
+        runner.sh(root / "commands.log", "-c", f"import train; train.train(train.base_config(train.Config(out_dir={str(root)!r}, "
                               f"resume={(base / 'train_state.pt').is_file()}, overwrite=True)))")
 
     # 1. the grid, seed 1, with a validation curve along the schedule
@@ -255,18 +259,36 @@ def svg_curves(curves):
             f'font-size="11"><rect width="100%" height="100%" fill="white"/>{"".join(parts)}</svg>\n')
 
 
+def check(c):
+    """Each list setting, parsed before any run: one line naming the setting that is wrong."""
+    for key, parse in (("lrs", float), ("lams", float), ("stages", int)):
+        try:
+            values = [parse(v) for v in getattr(c, key).split(",")]
+        except ValueError:
+            raise ValueError(f"config key {key!r}: expected comma-separated {parse.__name__}s, "
+                             f"got {getattr(c, key)!r}") from None
+        if not all(0 < v < math.inf for v in values):
+            raise ValueError(f"config key {key!r}: expected finite values > 0, got {getattr(c, key)!r}")
+    for key in ("jobs", "seeds", "n_val", "n_test"):
+        if getattr(c, key) < 1:
+            raise ValueError(f"config key {key!r}: expected >= 1, got {getattr(c, key)}")
+
+
 def main(argv):
     c = configure(Config(), argv)
+    check(c)
     result = compare(c)
     md, rows, curves = report(result)
     root = Path(c.out_dir)
     (root / "compare.json").write_text(json.dumps(dict(result, summary=rows), indent=1))
     (root / "compare.md").write_text(md)
-    (HERE / "figures").mkdir(exist_ok=True)
-    (HERE / "figures" / "compare.svg").write_text(svg_bars(rows))
-    (HERE / "figures" / "curves.svg").write_text(svg_curves(curves))
+    # the repository's figures come from the default run only: another out_dir keeps its own
+    figures = HERE / "figures" if c.out_dir == Config.out_dir else root
+    figures.mkdir(exist_ok=True)
+    (figures / "compare.svg").write_text(svg_bars(rows))
+    (figures / "curves.svg").write_text(svg_curves(curves))
     print(md)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_program(main)

@@ -25,8 +25,7 @@ def read_checkpoint(path):
         return _read_hf(path)
     if (path / "params.json").exists():
         return _read_meta(path)
-    raise FileNotFoundError(
-        f"{path}: no config.json (Hugging Face layout) or params.json (Meta layout)")
+    raise FileNotFoundError(f"{path}: no config.json (Hugging Face) or params.json (Meta layout)")
 
 
 def check_tensors(path, tensors, expected):
@@ -97,9 +96,11 @@ def read_safetensors(file):
             raise ValueError(f"{file}: tensor {name!r} has data offsets past the end of the file "
                              "or of the wrong size")
 
-        def load(dtype, device, begin=begin, end=end, src_dtype=src_dtype, shape=shape):
+        def load(dtype, device, begin=begin, end=end, src_dtype=src_dtype, shape=shape, name=name):
             raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin)
             t = raw.view(src_dtype).reshape(shape).to(device=device, dtype=dtype, copy=True)
+            if not t.isfinite().all():  # a diverged run's weights
+                raise ValueError(f"{file}: tensor {name!r} holds NaN or inf")
             start = begin - begin % mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
             return t
@@ -160,8 +161,7 @@ def _read_hf(path):
     odd = [k for k in ("attention_bias", "mlp_bias", "use_sliding_window") if c.get(k)]
     if family not in ("llama", "mistral", "qwen2") or odd:  # Qwen2's sliding window is per layer
         raise ValueError(f"{file}: model_type {' '.join([repr(family), *odd])} is not supported; "
-                         "supported: llama, mistral (sliding_window), qwen2 (its q/k/v biases); "
-                         "no other biases")
+                         "supported: llama, mistral (sliding_window), qwen2 (q/k/v biases alone)")
     # transformers' newer name; older files keep rope_theta beside rope_scaling
     rope = c.get("rope_parameters")
     if not rope:

@@ -1,8 +1,10 @@
-"""Run directories: what train.py may write where, and how it resumes. A run is never reused
-silently, a resumed run goes on only with its own settings and data, and a checkpoint is written
-atomically.
+"""Run directories: train.py writes only into a new or empty one or its own run's, never reuses
+a run silently, and resumes it only with the run's settings and data; checkpoints are atomic.
 """
 import json
+import math
+import os
+import shlex
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -12,14 +14,12 @@ import torch
 from support.checkpoint import finish_checkpoint
 from support.triple_files import data_hash
 
-# settings that a resumed run may change: they do not alter what the run computes
+# settings a resumed run may change: they alter nothing it computes (data: its hash is compared)
 RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite "
-                "grad_ckpt".split())
-# a directory with one of these holds a run
-RUN_FILES = ("train_state.pt", "log.jsonl", "config.json", "model.safetensors")
-# the tokenizer a checkpoint carries: --overwrite=True deletes it with the run
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "chat_template.jinja")
+                "grad_ckpt data".split())
+# the files of a run that --overwrite=True replaces (eval_*.json too: they measured the old model)
+RUN_FILES = ("train_state.pt", "config.json", "model.safetensors", "model.safetensors.index.json",
+             "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
 
 
 def save_checkpoint(raw, tok, state, out, weights=None):
@@ -43,55 +43,68 @@ def open_run(cfg, master):
     if cfg.init_from != "scratch" and out.resolve() == Path(cfg.init_from).resolve():
         raise ValueError(f"out_dir and init_from are both {out}: training would overwrite the "
                          "checkpoint it starts from; choose another --out_dir")
-    if master:
-        finish_checkpoint(out)
-    if cfg.resume:
-        if not (out / "train_state.pt").is_file():
-            raise ValueError(f"{out}: no checkpoint to resume (train_state.pt); "
+    finish_checkpoint(out)  # by every process (each file moves once): all read the finished one
+    if not (out / "train_state.pt").is_file():
+        if cfg.resume:
+            raise ValueError(f"out_dir {out}: no checkpoint to resume (train_state.pt); "
                              "start without --resume")
-        # mmap: one copy a node however many processes load it
-        state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
-        saved = dict(state["config"], data_sha256=state.get("data_sha256"))
-        now = dict(asdict(cfg), data_sha256=data_hash(cfg.data))
-        changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
-        diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed]
-        if diffs:
-            raise ValueError(f"{out}: --resume with settings other than the run's "
-                             f"({'; '.join(diffs)}); resume with the run's settings, "
-                             "or start a new run in another --out_dir")
-        if master:  # iterations logged after the checkpoint will run again
-            log = out / "log.jsonl"
-            lines = log.read_text().splitlines() if log.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iter"] < state["iter"]]
-            log.write_text("".join(line + "\n" for line in kept))
-        return state
-    if any((out / f).exists() for f in RUN_FILES):
+        # free to use if it holds no more than a run leaves before its first save, and runs (base/)
+        others = [p.name for p in out.glob("*") if p.name not in ("log.jsonl", ".ckpt-new")
+                  and not (p / "train_state.pt").is_file()]
+        if others:
+            raise ValueError(f"out_dir {out} holds {', '.join(sorted(others)[:3])}, not a train.py "
+                             "run: choose another --out_dir")
+        return None
+    if not cfg.resume:
         if not cfg.overwrite:
             raise ValueError(f"out_dir {out} holds a run already: resume it with --resume=True, "
                              "choose another --out_dir, or pass --overwrite=True to delete it")
-        if master:
-            evals = [p.name for p in out.glob("eval_*.json")]
-            for f in [*RUN_FILES, *evals, *TOKENIZER_FILES]:
-                (out / f).unlink(missing_ok=True)
-    return None
+        return None
+    # mmap: one copy a node however many processes load it
+    state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
+    saved = dict(state["config"], data_sha256=state.get("data_sha256"))
+    now = dict(asdict(cfg), data_sha256=data_hash(cfg.data))
+    diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
+             if k not in RESUMABLE and saved.get(k) != now[k]]
+    if diffs:
+        raise ValueError(f"{out}: --resume with settings other than the run's "
+                         f"({'; '.join(diffs)}); resume with the run's settings, "
+                         "or start a new run in another --out_dir")
+    if master:  # iterations logged after the checkpoint will run again
+        log = out / "log.jsonl"
+        # a kill while a line was written leaves it without its newline: its iteration runs again
+        lines = log.read_text().split("\n")[:-1] if log.exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iter"] < state["iter"]]
+        log.write_text("".join(line + "\n" for line in kept))
+    return state
+
+
+def finite(value, it, out):
+    """value, if finite; else the one line that stops a diverged run, before iteration it saves."""
+    if math.isfinite(value):
+        return value
+    raise FloatingPointError(f"iteration {it}: a loss or gradient norm of {value}, not saved (the "
+                             f"last checkpoint, if any, is in {out}): lower --learning_rate")
 
 
 def report(s, cfg, argv, seconds):
-    """What train.py's run left, and the commands to run next."""
-    out = s["out_dir"]
+    """What train.py's run left, and the commands to run next, quoted for the shell."""
+    out = shlex.quote(s["out_dir"])
     if s["stopped_by"]:
-        again = " ".join(a for a in argv if not a.startswith(("--resume", "--overwrite")))
+        again = [a for a in argv if not a.startswith(("--resume", "--overwrite"))]
+        launch = f"torchrun --nproc_per_node={os.environ['WORLD_SIZE']}" if cfg.fsdp else "python"
         print(f"train.py: stopped by {s['stopped_by']} after iteration {s['iters']}; the "
               f"checkpoint is in {out}. Resume with: "
-              f"python train.py {again} --resume=True".replace("  ", " "))
+              f"{launch} {shlex.join(['train.py', *again, '--resume=True'])}")
         return
     losses = ", ".join(f"{k} {s[k]:.4f}" for k in ("loss", "val_loss", "frac_unlikely") if k in s)
     prompt = "Sort these letters: h, d, j, a"
     evaluate = f"python eval.py --ckpt={out}    # against its base: accuracy, mistakes, U"
     if cfg.data != "builtin":
         prompt = "..."
-        before = "" if cfg.init_from == "scratch" else f" --before={cfg.init_from}"
-        evaluate = f"python eval.py --mode=triples --ckpt={out} --data={cfg.data}{before}"
+        before = "" if cfg.init_from == "scratch" else f" --before={shlex.quote(cfg.init_from)}"
+        evaluate = f"python eval.py --mode=triples --ckpt={out} --data={shlex.quote(cfg.data)}"
+        evaluate += before
     print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} "
-          f"({losses}).\nNext:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\"\n"
-          f"  {evaluate}")
+          f"({losses or 'nothing to train: raise --max_iters above the checkpoint iteration'})."
+          f"\nNext:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\"\n  {evaluate}")

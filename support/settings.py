@@ -4,6 +4,7 @@ checkpoint is read. run_program() turns a user's mistake into one line and exit 
 """
 import ast
 import json
+import math
 import re
 import sys
 from dataclasses import fields, replace
@@ -16,15 +17,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _device(v):
-    if v == "cpu":
-        return True
     if not re.fullmatch(r"cuda(:\d+)?", v):
-        return False
+        return v == "cpu"
     return int(v[5:] or 0) < torch.cuda.device_count()
 
 
 RULES = {
-    "lam": (lambda v: v >= 1, ">= 1 (U holds the tokens whose probability rises by a factor lam)"),
+    "lam": (lambda v: 1 <= v < math.inf, ">= 1 (U: the tokens whose probability rises lam-fold)"),
     "val_frac": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "out_dir": (lambda v: v.strip() != "", "a directory"),
@@ -42,15 +41,16 @@ POSITIVE = ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_inte
             "base_lr", "lora_alpha", "num_samples", "n_eval", "beta")
 NON_NEGATIVE = ("warmup_iters", "base_iters", "min_lr", "weight_decay", "grad_clip", "lora_rank",
                 "alpha", "gamma", "temperature", "top_k", "max_new_tokens", "n_alpaca")
-RULES.update({key: (lambda v: v > 0, "> 0") for key in POSITIVE})
-RULES.update({key: (lambda v: v >= 0, ">= 0") for key in NON_NEGATIVE})
+# NaN and inf (1e999, or NaN and Infinity in a JSON file) fail these too
+RULES.update({key: (lambda v: 0 < v < math.inf, "> 0") for key in POSITIVE})
+RULES.update({key: (lambda v: 0 <= v < math.inf, ">= 0") for key in NON_NEGATIVE})
 
 
 def run_program(main):
     """A program's entry point: a bad setting, file or record is one line and exit status 2."""
     try:
         main(sys.argv[1:])
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         print(f"{Path(sys.argv[0]).name}: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -290,6 +290,9 @@ class Tokenizer:
         jinja = extra.get("chat_template.jinja", b"")
         template = str(config.get("chat_template") or jinja.decode())
         name = "tokenizer.json" if path.suffix == ".json" else "tokenizer.model"
+        if name == "tokenizer.json" and "tokenizer_config.json" not in extra:  # a partial copy?
+            print(f"warning: {path}: no tokenizer_config.json beside it: no chat template (the "
+                  "Alpaca template) and an EOS guessed from the special tokens")
         if name == "tokenizer.json":
             parts = _hf_parts(_parse(path, data, json.loads), path)
         elif data[:1] == b"\n":  # a protobuf's field 1: SentencePiece's pieces (Llama 3's: base64)

@@ -27,6 +27,8 @@ def _triple(rec, where: str) -> Triple | None:
             raise ValueError(f"{where}: missing field '{name}'")
         value = rec[name]
         if isinstance(value, str) or (nullable and value is None):
+            if name == "judgment" and value and not value.strip():  # "" or null: acceptable
+                raise ValueError(f"{where}: field 'judgment' holds only spaces (null: acceptable)")
             return value
         or_null = " or null" if nullable else ""
         raise ValueError(f"{where}: field '{name}' must be a string{or_null}, "
@@ -64,10 +66,9 @@ def _triple(rec, where: str) -> Triple | None:
         return Triple(field("instruction"), field("response"), judgment, refinement)
     if "chosen" in rec:  # a preference pair, as TRL and Anthropic's HH data write them
         return Triple(field("prompt"), field("rejected"), None, field("chosen"))
-    raise ValueError(f"{where}: unknown record, expected the fields "
-                     "instruction/input/output/judgment, question/answer/feedback, "
-                     "instruction/response/judgment(/refinement) or prompt/chosen/rejected; "
-                     f"got {sorted(rec)}")
+    raise ValueError(f"{where}: unknown record, expected the fields instruction/input/output/"
+                     "judgment, question/answer/feedback, instruction/response/judgment"
+                     f"(/refinement) or prompt/chosen/rejected; got {sorted(rec)}")
 
 
 def data_hash(data):

@@ -2,6 +2,7 @@
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
 from scripts import compare
 
@@ -59,3 +60,14 @@ def test_a_finished_run_is_reused_only_with_its_own_settings(tmp_path, monkeypat
     assert runner.train_to(tmp_path, args, 2) == tmp_path / "step2"  # done: a copy of the model, no training
     with pytest.raises(ValueError, match="lam 2.0 -> 3.0"):
         runner.train_to(tmp_path, [*args, "--lam=3"], 2)
+
+
+def test_a_new_run_trains_through_the_runner_and_logs_beside_it(tmp_path):
+    """train.py writes only into an empty out_dir or a run: the runner's log goes beside the run, not into it."""
+    args = ["--data=builtin", "--task_size=200", "--dim=32", "--n_layers=1", "--n_heads=2", "--max_len=160",
+            "--batch_size=4", "--base_iters=0", "--eval_interval=1000", "--device=cpu"]
+    runner = compare.Runner(compare.Config(out_dir=str(tmp_path)))
+    run_dir = tmp_path / "mixed" / "cut-s1"
+    assert runner.train_to(run_dir, args, 2) == run_dir / "step2" and runner.train_to(run_dir, args, 3)
+    assert torch.load(run_dir / "train_state.pt", weights_only=True)["iter"] == 3
+    assert "train.py" in (tmp_path / "mixed" / "cut-s1.commands.log").read_text()

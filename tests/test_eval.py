@@ -234,7 +234,7 @@ def test_an_interrupted_save_is_finished_by_the_reader(tiny, tmp_path):
     (["--split=train"], "config key 'split': expected val | test"),
     (["--n_eval=0"], "config key 'n_eval': expected > 0"),
     (["--mode=triples"], "mode 'triples' needs --data=FILE"),
-    (["--mode=alpaca"], "mode 'alpaca' needs --alpaca_file=FILE: AlpacaEval's instructions, published in "),
+    (["--mode=alpaca"], "mode 'alpaca' needs --alpaca_file=FILE, AlpacaEval's instructions: tatsu-lab/alpaca_eval's"),
     (["--mode=alpaca", "--alpaca_file=/nonexistent.json"], "alpaca_file /nonexistent.json: no such file"),
     (["--ckpt=/nonexistent"], "/nonexistent: no such checkpoint directory"),
 ])

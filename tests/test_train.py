@@ -388,7 +388,7 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine w
     (["--lora_targets=foo"], "config key 'lora_targets'"),
     (["--lora_rank=4"], "lora_rank > 0 needs a pretrained init_from"),
     (["--resume=True"], "no checkpoint to resume"),
-    (["--init_from=/nonexistent/model"], "init_from /nonexistent/model: no such checkpoint directory"),
+    (["--init_from=/nonexistent/model"], "/nonexistent/model: no such checkpoint directory"),
     (["--data=/nonexistent/triples.jsonl"], "data /nonexistent/triples.jsonl: no such triples file"),
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, argv, message):
@@ -458,14 +458,14 @@ def test_data_without_usable_triples(tmp_path):
     flawed = tmp_path / "flawed.jsonl"
     flawed.write_text("".join(json.dumps({"instruction": f"q{i}", "response": "a", "judgment": "Wrong."}) + "\n"
                               for i in range(20)))
-    message = f"{re.escape(str(flawed))}: no triples left to train on with loss=sft .*every triple here is flawed"
+    message = f"{re.escape(str(flawed))}: no triples left to train on with loss=sft .*all here are flawed"
     with pytest.raises(ValueError, match=message):
-        run(tmp_path, f"--data={flawed}", "--loss=sft", "--max_iters=2")
+        run(tmp_path / "out", f"--data={flawed}", "--loss=sft", "--max_iters=2")
     errors = tmp_path / "errors.json"
     errors.write_text(json.dumps([{"instruction": "q", "output": "a", "judgment": "$ERROR$"}] * 3))
     with pytest.raises(ValueError, match=f"{re.escape(str(errors))}: no usable triples in 3 records"):
-        run(tmp_path, f"--data={errors}", "--max_iters=2")
-    assert not (tmp_path / "log.jsonl").exists()
+        run(tmp_path / "out", f"--data={errors}", "--max_iters=2")
+    assert not (tmp_path / "out").exists()
 
 
 def test_no_validation_split_logs_no_val_loss(tmp_path):
