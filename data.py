@@ -26,8 +26,6 @@ LOSS_MODES = ("cut", "sft", "sft_all", "hindsight", "forward", "ilf_mle", "ilf_d
 PAIRED = ("ilf_dpo", "dpo")  # a preferred and a dispreferred response to one prompt
 POSITIVE_JUDGMENT = "Your response to the instruction is satisfactory."
 JUDGMENT_HEADER = "\n\n### Judgment:\n"  # forward prediction: the judgment is trained after [x, y]
-# ILF's refiner reads the instruction, a flawed response and its judgment, and writes a better one
-REFINE = "{instruction}\n\n### Response to improve:\n{response}" + JUDGMENT_HEADER + "{judgment}"
 
 
 def use_chat(tok, chat):
@@ -74,11 +72,6 @@ def prompt_ids(tok, instruction, judgment=None, chat=False):
     if text:
         ids += tok.encode(text.replace("{content}", content))
     return ids
-
-
-def refine_prompt(t):
-    """The instruction that asks ILF's refiner for a better response than t's flawed one."""
-    return REFINE.format(instruction=t.instruction, response=t.response, judgment=t.judgment)
 
 
 def split_triples(triples: list[Triple], val_frac: float = 0.1, seed: int = 0):

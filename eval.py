@@ -222,10 +222,8 @@ def alpaca(c):
     if not c.alpaca_file:
         raise ValueError("mode 'alpaca' needs --alpaca_file=FILE, AlpacaEval's instructions: "
                          "tatsu-lab/alpaca_eval's results/text_davinci_003/model_outputs.json")
-    if not Path(c.alpaca_file).is_file():
-        raise FileNotFoundError(f"alpaca_file {c.alpaca_file}: no such file")
     try:
-        records = json.loads(read_text(c.alpaca_file))
+        records = json.loads(read_text(c.alpaca_file, "alpaca_file"))
         instructions = [str(r["instruction"]) for r in records][:c.n_alpaca or None]
     except (ValueError, TypeError, KeyError) as e:
         raise ValueError(f"{c.alpaca_file}: not a JSON list of records with an 'instruction' "

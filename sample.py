@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 # before torch loads OpenMP: its spinning threads made small CPU ops up to 20x slower on 2 cores
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -40,10 +39,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
 
 def read_prompt(prompt):
     if prompt.startswith("FILE:"):
-        path = Path(prompt.removeprefix("FILE:"))
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file {path}: no such file")
-        return read_text(path).strip()
+        return read_text(prompt.removeprefix("FILE:"), "prompt file").strip()
     return sys.stdin.read().strip() if prompt in ("", "-") else prompt
 
 

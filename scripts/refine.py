@@ -5,7 +5,7 @@ triple of a file, written by a checkpoint from the instruction, the response and
     python train.py --init_from=DIR --data=refined.json --loss=ilf_mle     # or --loss=ilf_dpo
 
 The output is a triples file again: every triple of --data, each flawed one with its `refinement`
-(greedy, up to max_new_tokens). The prompt is data.refine_prompt's, in the checkpoint's chat format
+(greedy, up to max_new_tokens). The prompt is refine_prompt's, in the checkpoint's chat format
 or the Alpaca template (--chat, as in eval.py).
 """
 import json
@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import eval as ev
-from data import refine_prompt
+from data import JUDGMENT_HEADER
 from support.settings import configure, run_program
 from support.triple_files import load_triples
+
+# ILF's refiner reads the instruction, a flawed response and its judgment, and writes a better one
+REFINE = "{instruction}\n\n### Response to improve:\n{response}" + JUDGMENT_HEADER + "{judgment}"
 
 
 @dataclass
@@ -28,6 +31,11 @@ class Config:
     batch_size: int = 32
     device: str = ev.Config.device
     dtype: str = "float32"
+
+
+def refine_prompt(t):
+    """The instruction that asks ILF's refiner for a better response than t's flawed one."""
+    return REFINE.format(instruction=t.instruction, response=t.response, judgment=t.judgment)
 
 
 def refine(c):

@@ -6,7 +6,7 @@
 A pretrained model can rewrite a response after reading a critique of it; the built-in base, trained
 from scratch, learned only the task and to read judgments (make_task's 'base' data). This base is
 trained the same way (train.py's base settings, from scratch) on that data plus `refine_share` of
-examples that teach refining: the refinement prompt of data.refine_prompt (the instruction, a flawed
+examples that teach refining: the refinement prompt of refine.py (the instruction, a flawed
 response, its judgment) answered by the correct list. Its refinements of held-out flawed responses
 are then judged by the task's checker.
 This is an experiment driver: it runs train.py and scripts.refine as a user would.
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import train
-from data import refine_prompt
+from scripts.refine import refine_prompt
 from support.settings import configure, run_program
 from support.triple_files import Triple
 from tasks import letters

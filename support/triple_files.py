@@ -76,8 +76,10 @@ def data_hash(data):
     return "builtin" if data == "builtin" else hashlib.sha256(Path(data).read_bytes()).hexdigest()
 
 
-def read_text(path):
+def read_text(path, what="file"):
     """A UTF-8 text file, without a byte-order mark; one clear error naming the file otherwise."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
     try:
         return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -86,10 +88,7 @@ def read_text(path):
 
 def load_triples(path, verbose=True) -> list[Triple]:
     """Triples from a JSON list or JSONL file: the authors' release, Shepherd's, plain records."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such triples file")
-    text = read_text(path)
+    text = read_text(path, "triples file")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
@@ -117,7 +116,7 @@ def load_triples(path, verbose=True) -> list[Triple]:
     n_better = sum(t.refinement is not None for t in triples)
     better = f", {n_better} with a refinement or a chosen response" if n_better else ""
     if verbose:
-        print(f"{path.name}: loaded {len(triples)} triples "
+        print(f"{Path(path).name}: loaded {len(triples)} triples "
               f"({len(triples) - n_flawed} acceptable, {n_flawed} flawed{better}), "
               f"dropped {len(parsed) - len(triples)} with a failed judge call ({FAILED_JUDGE})")
     return triples

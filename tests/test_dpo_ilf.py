@@ -14,7 +14,7 @@ import eval as ev
 import train
 from scripts import refine
 from cut_loss import batch_loss, dpo_loss, mle_loss
-from data import encode_triples, prompt_ids, refine_prompt
+from data import encode_triples, prompt_ids
 from model import ModelConfig, Transformer, add_lora, lora_disabled
 from support.tokenizer import Tokenizer
 from support.triple_files import Triple, load_triples
@@ -83,7 +83,7 @@ def test_rows_of_refinements_and_pairs():
     assert encode_triples(TOK, [pair], "dpo", 160, verbose=False)[0].rows == enc[0].rows
     with pytest.raises(ValueError, match="a preference pair .* trains with --loss=dpo only"):
         encode_triples(TOK, [pair], "cut", 160, verbose=False)
-    assert refine_prompt(flawed) == ("Sort: b, a\n\n### Response to improve:\nb, a\n\n### Judgment:\n"
+    assert refine.refine_prompt(flawed) == ("Sort: b, a\n\n### Response to improve:\nb, a\n\n### Judgment:\n"
                                      "Wrong order.")
 
 
@@ -204,5 +204,5 @@ def test_refine_writes_a_triples_file_with_refinements(tmp_path, base_and_pairs)
         [(t.instruction, t.response, t.judgment) for t in before]
     model, tok, chat = ev.load(base, ev.Config(device="cpu"))
     c = ev.Config(device="cpu", batch_size=32)
-    want = ev.generate_responses(model, tok, chat, [refine_prompt(t) for t in before], c, 0, 12)
+    want = ev.generate_responses(model, tok, chat, [refine.refine_prompt(t) for t in before], c, 0, 12)
     assert [t.refinement for t in back] == want  # the base's greedy refinements

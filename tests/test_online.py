@@ -75,7 +75,7 @@ def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
 
 
 def test_refine_base_teaches_refining_with_correct_answers():
-    from data import refine_prompt
+    from scripts.refine import refine_prompt
     from scripts import refine_base
     flawed = letters.make_task(20, seed=5, kind="mixed", flawed_frac=1.0, split="train")
     examples = refine_base.refine_examples(20, seed=5, split="train")
