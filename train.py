@@ -34,7 +34,7 @@ from cut_loss import batch_loss, response_logprobs
 from data import (LOSS_MODES, PAIRED, collate, encode_triples, load_checkpoint, split_triples,
                   use_chat)
 from model import ModelConfig, Transformer, add_lora, lora_disabled
-from support.runs import RUN_FILES, finite, open_run, report, save_checkpoint
+from support.runs import LOCKS, RUN_FILES, finite, open_run, report, save_checkpoint
 from support.settings import configure, run_program
 from support.tokenizer import Tokenizer
 from support.triple_files import data_hash, load_triples
@@ -172,6 +172,8 @@ def check_settings(cfg, ddp, world):
     if cfg.loss in PAIRED and (cfg.init_from == "scratch" or cfg.fsdp):
         raise ValueError(f"loss={cfg.loss} needs an init_from, the reference model, and no fsdp "
                          "(the reference would be a second, unsharded copy; use LoRA or DDP)")
+    if cfg.init_from != "scratch" and not Path(cfg.init_from).is_dir():  # before out_dir is made
+        raise FileNotFoundError(f"{cfg.init_from}: no such checkpoint directory")
     if cfg.data != "builtin" and not Path(cfg.data).is_file():
         raise FileNotFoundError(f"data {cfg.data}: no such triples file")
 
@@ -262,9 +264,11 @@ def set_up(cfg):
     check_settings(cfg, ddp, world)
     torch.manual_seed(cfg.seed)
     state = open_run(cfg, rank == 0)
-    data_sha256 = state["data_sha256"] if state else data_hash(cfg.data)  # open_run read a resume's
     model, tok = build_model(cfg, state, dev)
-    train_e, val_e = load_data(cfg, tok, use_chat(tok, cfg.chat), rank == 0)
+    chat = use_chat(tok, cfg.chat)  # recorded in the run's tokenizer_config.json: 'auto' follows it
+    config = json.loads(tok.files.get("tokenizer_config.json", b"{}"))
+    tok.files["tokenizer_config.json"] = json.dumps(dict(config, cut_chat=chat)).encode()
+    train_e, val_e = load_data(cfg, tok, chat, rank == 0)
     params = trainable_params(model, cfg, state)
     optimizer, scaler = build_optimizer(model, params, cfg, state, dev)
     raw = model
@@ -279,7 +283,7 @@ def set_up(cfg):
     return SimpleNamespace(model=model, raw=raw, ref=reference_model(cfg, raw, dev), tok=tok,
                            params=params, optimizer=optimizer, scaler=scaler, train_e=train_e,
                            val_e=val_e, start_iter=state["iter"] if state else 0,
-                           data_sha256=data_sha256, dev=dev, rank=rank, world=world,
+                           data_sha256=data_hash(cfg.data), dev=dev, rank=rank, world=world,
                            autocast=autocast)
 
 
@@ -344,8 +348,6 @@ def train(cfg):
     stop = []
     on_signal = lambda signum, frame: (stop.append(signum), signal.signal(signum, signal.SIG_DFL))
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
     if master and cfg.overwrite and not run.start_iter:  # the old run goes once the new can start
         for f in [*RUN_FILES, *out.glob("eval_*.json"), *out.glob("model-*.safetensors")]:
             (out / f).unlink(missing_ok=True)
@@ -400,6 +402,7 @@ def train(cfg):
             signal.signal(s, h)
         if master:
             log.close()
+            LOCKS.pop(out.resolve()).close()
     return summary
 
 

@@ -1,6 +1,7 @@
 """Run directories: train.py writes only into a new or empty one or its own run's, never reuses
 a run silently, and resumes it only with the run's settings and data; checkpoints are atomic.
 """
+import fcntl
 import json
 import math
 import os
@@ -20,6 +21,7 @@ RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile res
 # the files of a run that --overwrite=True replaces (eval_*.json too: they measured the old model)
 RUN_FILES = ("train_state.pt", "config.json", "model.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
+LOCKS = {}  # out_dir -> its .lock, open, for as long as this process trains into it
 
 
 def save_checkpoint(raw, tok, state, out, weights=None):
@@ -49,16 +51,25 @@ def open_run(cfg, master):
             raise ValueError(f"out_dir {out}: no checkpoint to resume (train_state.pt); "
                              "start without --resume")
         # free to use if it holds no more than a run leaves before its first save, and runs (base/)
-        others = [p.name for p in out.glob("*") if p.name not in ("log.jsonl", ".ckpt-new")
+        others = [p.name for p in out.glob("*") if p.name not in ("log.jsonl", ".ckpt-new", ".lock")
                   and not (p / "train_state.pt").is_file()]
         if others:
             raise ValueError(f"out_dir {out} holds {', '.join(sorted(others)[:3])}, not a train.py "
                              "run: choose another --out_dir")
-        return None
-    if not cfg.resume:
-        if not cfg.overwrite:
-            raise ValueError(f"out_dir {out} holds a run already: resume it with --resume=True, "
-                             "choose another --out_dir, or pass --overwrite=True to delete it")
+    if master and out.resolve() not in LOCKS:  # held until train() ends; the OS frees it on a kill
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"out_dir {out}: another run holds it (its .lock); wait for that run "
+                             "to end, or choose another --out_dir") from None
+        LOCKS[out.resolve()] = lock
+        finish_checkpoint(out)  # the rest is checked holding the lock: no run changes out meanwhile
+    if not cfg.resume and (out / "train_state.pt").is_file() and not cfg.overwrite:
+        raise ValueError(f"out_dir {out} holds a run already: resume it with --resume=True, "
+                         "choose another --out_dir, or pass --overwrite=True to delete it")
+    if not cfg.resume:  # a new run (--resume without train_state.pt was refused above)
         return None
     # mmap: one copy a node however many processes load it
     state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
@@ -102,9 +113,8 @@ def report(s, cfg, argv, seconds):
     evaluate = f"python eval.py --ckpt={out}    # against its base: accuracy, mistakes, U"
     if cfg.data != "builtin":
         prompt = "..."
-        before = "" if cfg.init_from == "scratch" else f" --before={shlex.quote(cfg.init_from)}"
         evaluate = f"python eval.py --mode=triples --ckpt={out} --data={shlex.quote(cfg.data)}"
-        evaluate += before
+        evaluate += "" if cfg.init_from == "scratch" else f" --before={shlex.quote(cfg.init_from)}"
     print(f"\ntrain.py: {s['iters']} iterations in {seconds / 60:.1f} min. The model is in {out} "
           f"({losses or 'nothing to train: raise --max_iters above the checkpoint iteration'})."
           f"\nNext:\n  python sample.py --ckpt={out} --prompt=\"{prompt}\"\n  {evaluate}")

@@ -242,14 +242,14 @@ class Tokenizer:
     eos_id: int
     stop_ids: list
     chat: str | None
-    instruct: bool  # the checkpoint ships a chat template
+    instruct: bool  # the chat format is its own: train.py's cut_chat, else it ships a chat template
     files: dict  # file name -> bytes, written by save()
     drop: re.Pattern | None  # characters the vocabulary cannot encode
     nfc: bool  # text is NFC-normalized first (Qwen)
     sp: tuple | None  # SentencePiece: (the ids each tiktoken rank stands for, the bytes of each id)
 
     @classmethod
-    def _build(cls, name, eos_name, template, files, parts):
+    def _build(cls, name, eos_name, template, files, parts, instruct):
         special = parts.special
         chat = next((c for c, (mark, _, _) in CHAT_FORMATS.items() if mark in special), None)
         # Llama 2's [INST] is text: its chat template shows it, as does Meta's layout (no template)
@@ -265,7 +265,7 @@ class Tokenizer:
                                 special_tokens={} if parts.sp else special)
         n_vocab = max(parts.sp[1]) + 1 if parts.sp else enc.n_vocab
         return cls(enc, n_vocab, special, special.get(parts.bos_name), special[ends[0]],
-                   sorted({special[n] for n in ends}), chat, bool(template), files,
+                   sorted({special[n] for n in ends}), chat, instruct, files,
                    _unencodable(parts.ranks, name), parts.nfc, parts.sp)
 
     @classmethod
@@ -304,7 +304,8 @@ class Tokenizer:
             ranks = _parse(path, data, _meta_ranks)
             special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
             parts = Parts(ranks, special, LLAMA3_SPLIT, "<|begin_of_text|>")
-        return cls._build(str(path), eos, template, {name: data, **extra}, parts)
+        instruct = config.get("cut_chat", bool(template))  # train.py records its prompt format
+        return cls._build(str(path), eos, template, {name: data, **extra}, parts, instruct)
 
     @classmethod
     def byte_level(cls):
@@ -327,7 +328,7 @@ class Tokenizer:
         files = {"tokenizer.json": json.dumps(spec, ensure_ascii=False).encode(),
                  "tokenizer_config.json": json.dumps(config).encode()}
         parts = _hf_parts(spec, "byte_level")
-        return cls._build("byte_level", names[3], CHATML_TEMPLATE, files, parts)
+        return cls._build("byte_level", names[3], CHATML_TEMPLATE, files, parts, True)
 
     def encode(self, text):
         if self.nfc:

@@ -426,7 +426,7 @@ def test_bad_files_fail_with_one_line_naming_them(tmp_path, base_dir):
     (small / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json: not a valid JSON file"):
         run(tmp_path / "out", f"--init_from={small}", "--max_iters=2")
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]  # the refused run's lock alone: reusable
 
 
 def test_bom_file_and_failed_judge_calls_in_every_format(tmp_path):
@@ -465,7 +465,7 @@ def test_data_without_usable_triples(tmp_path):
     errors.write_text(json.dumps([{"instruction": "q", "output": "a", "judgment": "$ERROR$"}] * 3))
     with pytest.raises(ValueError, match=f"{re.escape(str(errors))}: no usable triples in 3 records"):
         run(tmp_path / "out", f"--data={errors}", "--max_iters=2")
-    assert not (tmp_path / "out").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]  # the refused run's lock alone: reusable
 
 
 def test_no_validation_split_logs_no_val_loss(tmp_path):
