@@ -2,8 +2,9 @@
 
     python -m scripts.ifeval_report --runs=out/ifeval    # reads out/ifeval/METHOD-sSEED/
 
-Per method and round: IFEval's four scores (mean over seeds, and their range), the share of the
-round's sampled responses the judge flawed, training's frac_unlikely and the round's wall time.
+Per method and round: IFEval's four scores (mean over the seeds that finished the round, and their
+range), the share of the round's sampled responses the judge flawed, training's frac_unlikely and
+the round's wall time.
 Writes RUNS/report.md and RUNS/ifeval.svg (prompt-level strict accuracy against rounds).
 """
 import json
@@ -40,13 +41,12 @@ def read_runs(root):
 
 
 def summarize(runs):
-    """Rows per (method, round) over the rounds every seed of the method has finished."""
+    """Rows per (method, round), each over the seeds that have finished that round."""
     rows = []
     for method, seeds in runs.items():
-        n_rounds = min(len(rounds) for rounds in seeds)
-        for r in range(n_rounds):
-            records = [rounds[r] for rounds in seeds]
-            row = {"method": method, "round": r, "seeds": len(seeds)}
+        for r in range(max(len(rounds) for rounds in seeds)):
+            records = [rounds[r] for rounds in seeds if len(rounds) > r]
+            row = {"method": method, "round": r, "seeds": len(records)}
             for k in HEADLINE["ifeval"]:
                 values = [rec[k] for rec in records]
                 row[k] = (statistics.mean(values), min(values), max(values))
@@ -79,7 +79,8 @@ def figure(rows):
     curves = [{"method": m, "test": points} for m, points in lines.items() if len(points) > 1]
     if not curves:
         return None
-    return svg(curves, "IFEval prompt-level strict accuracy against online rounds (mean over seeds)")
+    title = "IFEval prompt-level strict accuracy against online rounds (mean over seeds)"
+    return svg(curves, title)
 
 
 def main(argv):
