@@ -63,6 +63,12 @@ def measure(c):
     records = online.constrained(settings, "train", settings.judge_calls,
                                  settings.seed * 1000 + c.round)
     by_prompt = {r["prompt"]: r for r in records}
+
+    def broken_of(d):
+        """The (instruction id, kwargs) of the constraints a judged response breaks."""
+        rec = by_prompt[d["instruction"]]
+        pairs = zip(rec["instruction_id_list"], rec["kwargs"])
+        return [(i, k) for i, k in pairs if ifeval.check(i, k, rec["prompt"], d["response"])]
     data = [json.loads(line) for line in (run / f"round{c.round}" / "data.jsonl").open()]
     flawed = [d for d in data if d["judgment"] is not None]
     if c.round == 1:
@@ -80,17 +86,15 @@ def measure(c):
     in_u = []
     wrong = []
     gain = []
-    for d, s in zip(flawed, scored):
+    broken = [broken_of(d) for d in flawed]  # checked once per response
+    for n, (d, s) in enumerate(zip(flawed, scored)):
         if s is None:
             continue
         logp_x, logp_n, U = s
         n_u += int(U.sum())
         n_tokens += len(U)
-        rec = by_prompt[d["instruction"]]
-        broken = [(i, k) for i, k in zip(rec["instruction_id_list"], rec["kwargs"])
-                  if ifeval.check(i, k, rec["prompt"], d["response"])]
         offsets = set()
-        for i, k in broken:
+        for i, k in broken[n]:
             offsets.update(flaw_offsets(i, k, d["response"]) or ())
         if not offsets:
             continue  # no broken constraint has a token to point at
@@ -112,11 +116,9 @@ def measure(c):
                       frac_unlikely_located=float(U.float().mean()),
                       gain_wrong=g[W].mean().item(), gain_other=g[~W].mean().item())
     counts = {}
-    for d in flawed:
-        rec = by_prompt[d["instruction"]]
-        for i, k in zip(rec["instruction_id_list"], rec["kwargs"]):
-            if ifeval.check(i, k, rec["prompt"], d["response"]):
-                counts[i] = counts.get(i, 0) + 1
+    for pairs in broken:
+        for i, _ in pairs:
+            counts[i] = counts.get(i, 0) + 1
     result["broken"] = dict(sorted(counts.items(), key=lambda kv: -kv[1]))
     out = run / f"round{c.round}" / f"u_lam{c.lam}.json"
     out.write_text(json.dumps(result, indent=1))

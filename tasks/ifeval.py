@@ -213,26 +213,28 @@ def _no_comma(response):
                 f"the first in {_quote(response, response.index(','))}.")
 
 
+def _one_case(response, upper):
+    """All lowercase (upper=False) or all capitals, in English: the first letter of the other case
+    is where it breaks."""
+    what = "in English capital letters" if upper else "in lowercase English"
+    asked = f"The instruction asked for the whole response {what}; "
+    follows = response.isupper() if upper else response.islower()
+    if follows:
+        return _not_english(what, response)
+    wrong = str.islower if upper else str.isupper
+    at = next((i for i, c in enumerate(response) if wrong(c)), None)
+    if at is None:
+        return asked + f"it has no {'capital' if upper else 'lowercase'} letters."
+    other = "lowercase" if upper else "capital"
+    return asked + f"it has {other} letters, e.g. in {_quote(response, at)}."
+
+
 def _english_lowercase(response):
-    if not response.islower():
-        capital = next((i for i, c in enumerate(response) if c.isupper()), None)
-        if capital is None:
-            return ("The instruction asked for the whole response in lowercase English; "
-                    "it has no lowercase letters.")
-        return ("The instruction asked for the whole response in lowercase English; "
-                f"it has capital letters, e.g. in {_quote(response, capital)}.")
-    return _not_english("in lowercase English", response)
+    return _one_case(response, upper=False)
 
 
 def _english_capital(response):
-    if not response.isupper():
-        lower = next((i for i, c in enumerate(response) if c.islower()), None)
-        if lower is None:
-            return ("The instruction asked for the whole response in English capital letters; "
-                    "it has no capital letters.")
-        return ("The instruction asked for the whole response in English capital letters; "
-                f"it has lowercase letters, e.g. in {_quote(response, lower)}.")
-    return _not_english("in English capital letters", response)
+    return _one_case(response, upper=True)
 
 
 def _not_english(what, response):
