@@ -58,9 +58,8 @@ def prompt_ids(tok, instruction, judgment=None, chat=False):
         raise ValueError("chat=True, but the tokenizer has no chat format of "
                          f"{', '.join(CHAT_FORMATS)}; set chat 'no'")
     content = instruction if judgment is None else instruction + JUDGMENT_HEADER + judgment
-    # special tokens are looked up, never parsed from text, so the user's text stays text; the text
-    # between two special tokens is encoded in one piece (Llama 2's [INST] is text)
-    text = ""
+    # special tokens are looked up, never parsed from text, so the user's text stays text
+    text = ""  # the text between two special tokens, encoded in one piece (Llama 2's [INST])
     for part in re.split(r"(<\|\w+\|>|\[/?INST\])", CHAT_FORMATS[tok.chat][2]):
         if part not in tok.special:
             text += part
@@ -86,8 +85,7 @@ def split_triples(triples: list[Triple], val_frac: float = 0.1, seed: int = 0):
 
 @dataclass
 class Encoded:
-    # (prompt ids, trained ids) of each sequence of one triple: first x -> y, then, if there is
-    # one, the [x, j-] -> y row (cut) or the [x, y] -> j row (forward)
+    # (prompt ids, trained ids) per row: x -> y, then [x, j-] -> y (cut) or [x, y] -> j (forward)
     rows: list[tuple[list[int], list[int]]]
     is_neg: bool
 
@@ -178,9 +176,7 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
     """Every triple's rows in one padded tensor; x_rows / j_rows point each triple at its rows."""
     if not encoded:
         raise ValueError("collate needs at least one encoded triple")
-    rows = []
-    x_rows = []
-    j_rows = []
+    rows, x_rows, j_rows = [], [], []
     for e in encoded:
         x_rows.append(len(rows))
         j_rows.append(len(rows) + len(e.rows) - 1)

@@ -128,19 +128,16 @@ def task_eval(model, tok, chat, c):
     flawed = letters.make_task(c.n_eval, seed=c.eval_seed + 1, kind=c.task, flawed_frac=1.0,
                                split=c.split)
     result.update(token_detection(model, tok, chat, flawed, c), lam=c.lam, n=len(instructions))
-    result["examples"] = []
-    for i, r in zip(instructions[:5], responses):
-        kind = letters.check_response(i, r).kind
-        result["examples"].append({"instruction": i, "response": r, "kind": kind})
+    result["examples"] = [
+        {"instruction": i, "response": r, "kind": letters.check_response(i, r).kind}
+        for i, r in zip(instructions[:5], responses)]
     return result
 
 
 def token_detection(model, tok, chat, flawed, c):
     """U against the truly wrong tokens W of flawed responses (precision, recall), and log p_n -
     log p_x on W and on the other tokens: does the judgment explain W alone?"""
-    in_u = []
-    wrong = []
-    gain = []
+    in_u, wrong, gain = [], [], []  # per response: U, the truly wrong tokens W, log p_n - log p_x
     for t, s in zip(flawed, score(model, tok, chat, flawed, c, model.cfg.max_seq_len)):
         if s is None:
             continue
@@ -193,10 +190,7 @@ def triples_eval(c):
         scored = score(model, tok, chat, held, c, run["max_len"] or model.cfg.max_seq_len)
         if U is None:  # judged by the first checkpoint: before, if given
             U = [s and s[2] for s in scored]
-        in_u = []
-        out_u = []
-        nll = []
-        nll_ok = []
+        in_u, out_u, nll, nll_ok = [], [], [], []  # token log-probs; nll_ok: acceptable responses
         for s, u, t in zip(scored, U, held):
             if s is None:
                 continue

@@ -74,8 +74,7 @@ def rope_frequencies(cfg):
 
 
 def apply_rope(x, cos, sin):
-    # Hugging Face's "rotate half" layout (first half, second half of each head); the fp32 tables
-    # promote the products
+    # Hugging Face's "rotate half" layout (halves of each head); fp32 tables promote the products
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 

@@ -34,7 +34,7 @@ from cut_loss import batch_loss, response_logprobs
 from data import (LOSS_MODES, PAIRED, collate, encode_triples, load_checkpoint, split_triples,
                   use_chat)
 from model import ModelConfig, Transformer, add_lora, lora_disabled
-from support.runs import LOCKS, RUN_FILES, finite, open_run, report, save_checkpoint
+from support.runs import LOCKS, RUN_FILES, base_stamp, finite, open_run, report, save_checkpoint
 from support.settings import configure, run_program
 from support.tokenizer import Tokenizer
 from support.triple_files import data_hash, load_triples
@@ -335,6 +335,7 @@ def checkpoint_state(run, cfg, it):
     optimizer = dist_sd.get_optimizer_state_dict(run.raw, run.optimizer, options=FULL)
     state = {"iter": it + 1, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
              "rng": torch.get_rng_state(), "config": asdict(cfg), "data_sha256": run.data_sha256,
+             "base": base_stamp(cfg),
              "trainable": [p.detach().cpu() for p in run.params if cfg.lora_rank]}
     return state, weights
 

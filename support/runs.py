@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,9 +16,9 @@ import torch
 from support.checkpoint import finish_checkpoint
 from support.triple_files import data_hash
 
-# settings a resumed run may change: they alter nothing it computes (data: its hash is compared)
+# settings a resumed run may change (data and init_from: their contents are compared, not paths)
 RESUMABLE = set("out_dir max_iters eval_interval log_interval device compile resume overwrite "
-                "grad_ckpt data".split())
+                "grad_ckpt data init_from".split())
 # the files of a run that --overwrite=True replaces (eval_*.json too: they measured the old model)
 RUN_FILES = ("train_state.pt", "config.json", "model.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "chat_template.jinja")
@@ -73,8 +74,8 @@ def open_run(cfg, master):
         return None
     # mmap: one copy a node however many processes load it
     state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True, mmap=True)
-    saved = dict(state["config"], data_sha256=state.get("data_sha256"))
-    now = dict(asdict(cfg), data_sha256=data_hash(cfg.data))
+    saved = dict(state["config"], data_sha256=state.get("data_sha256"), base=state.get("base"))
+    now = dict(asdict(cfg), data_sha256=data_hash(cfg.data), base=base_stamp(cfg))
     diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
              if k not in RESUMABLE and saved.get(k) != now[k]]
     if diffs:
@@ -88,6 +89,16 @@ def open_run(cfg, master):
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iter"] < state["iter"]]
         log.write_text("".join(line + "\n" for line in kept))
     return state
+
+
+def base_stamp(cfg):
+    """init_from's weights by size and time (LoRA's base, DPO's reference), wherever they lie."""
+    if cfg.init_from == "scratch":
+        return None
+    weights = [f.stat() for f in Path(cfg.init_from).glob("*.*")
+               if f.suffix in (".safetensors", ".pth")]
+    modified = time.ctime(max((w.st_mtime for w in weights), default=0))
+    return f"{sum(w.st_size for w in weights)} bytes of weights, modified {modified}"
 
 
 def finite(value, it, out):

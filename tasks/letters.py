@@ -71,8 +71,7 @@ def check_response(instruction, response):
     got, at, end = _letter_list(response)
     extra = [at[i] for i, c in enumerate(got) if got[:i + 1].count(c) > want.count(c)]
     missing = [k for k, c in enumerate(want) if want[:k + 1].count(c) > got.count(c)]
-    # the place that the order and missing wordings name; the others have no slot for it
-    place = 0
+    place = 0  # where the order and missing wordings point; the others have no slot for it
     if not got:
         kind = "garbage"
         wrong = []

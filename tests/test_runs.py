@@ -1,6 +1,6 @@
 """Issue 21, case by case: no program deletes or writes what is not its own, no broken model is saved, every rank
-resumes from the same checkpoint, and the unclear messages name what fixes them. (Not done, for the line budget:
-9, and 12's built-in run resumed by another path.)"""
+resumes from the same checkpoint, a LoRA run resumes on its own base alone, and the unclear messages name what
+fixes them."""
 import json
 import os
 import shutil
@@ -17,10 +17,11 @@ import sample
 import train
 from model import ModelConfig, Transformer
 from scripts import compare
+from support.checkpoint import finish_checkpoint
 from support.runs import report
 from support.settings import configure
 from support.tokenizer import Tokenizer
-from test_train import (ROOT, SUBPROCESS_ENV, TINY, VOCAB, base_dir, log_of, one_thread, run, train_state,  # noqa: F401
+from test_train import (LORA, ROOT, SUBPROCESS_ENV, TINY, VOCAB, base_dir, log_of, one_thread, run, train_state,  # noqa: F401
                         weights)
 
 USER_FILES = {"config.json": '{"user": 1}', "model.safetensors": "user weights", "eval_mine.json": "{}",
@@ -230,11 +231,24 @@ def test_8_a_second_run_into_a_busy_out_dir_is_refused_and_a_killed_run_leaves_i
         time.sleep(0.2)
     winner.kill()  # SIGKILL: no handler runs, the lock goes with the process
     winner.wait()
+    finish_checkpoint(out)  # a kill while a save moved its files: what any program does first
     at = train_state(out)["iter"]
     run(out, "--eval_interval=5", "--resume=True", f"--max_iters={at + 2}")
     assert [r["iter"] for r in log_of(out)] == list(range(at + 2))  # one run's lines, in order
     run(out, "--max_iters=2", "--overwrite=True")  # and a new run may replace it
     assert [r["iter"] for r in log_of(out)] == [0, 1]
+
+
+# ----------------------------------------------------------------------------- 9: a LoRA run's base
+def test_9_a_lora_run_resumes_only_on_the_base_it_was_trained_on(tmp_path, base_dir):
+    base = shutil.copytree(base_dir, tmp_path / "base")
+    out = run(tmp_path / "out", f"--init_from={base}", *LORA, "--max_iters=2")
+    run(out, f"--init_from={base}", *LORA, "--max_iters=3", "--resume=True")  # the same base: it goes on
+    weights = (base / "model.safetensors").stat()
+    os.utime(base / "model.safetensors", ns=(weights.st_atime_ns, weights.st_mtime_ns + 10**9))  # rewritten
+    with pytest.raises(ValueError, match=r"base '\d+ bytes of weights, modified .*' -> '.*resume with the run's"):
+        run(out, f"--init_from={base}", *LORA, "--max_iters=4", "--resume=True")
+    assert train_state(out)["iter"] == 3
 
 
 # ----------------------------------------------------------------------------- 10: a run's prompt format
@@ -266,6 +280,17 @@ def test_11_a_tokenizer_json_without_its_config_is_named(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- 12: messages that say what to do
+def test_12_the_built_in_run_resumes_by_another_path_and_after_a_move(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run("a", "--base_iters=2", "--max_iters=2")
+    run(tmp_path / "a", "--base_iters=2", "--max_iters=3", "--resume=True")  # absolute, where it ran relative
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    run(tmp_path / "b", "--base_iters=2", "--max_iters=4", "--resume=True")
+    assert [r["iter"] for r in log_of(tmp_path / "b")] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="base_iters 2 -> 3"):  # the base's own settings are still checked
+        run(tmp_path / "b", "--base_iters=3", "--max_iters=5", "--resume=True")
+
+
 def test_12_printed_commands_resume_under_torchrun_and_are_shell_quoted(monkeypatch, capsys):
     cfg = configure(train.Config(), ["--fsdp=True", "--out_dir=my runs/a"])
     monkeypatch.setenv("WORLD_SIZE", "8")

@@ -517,7 +517,7 @@ def test_resume_refuses_other_data_or_lora_settings(tmp_path, base_dir):
     data.write_text(data.read_text() + "\n" + json.dumps({"instruction": "x", "response": "y", "judgment": None}))
     for argv, difference in [([], "data_sha256"), (["--lora_rank=8"], "lora_rank 4 -> 8"),
                              (["--lora_targets=q_proj"], "lora_targets 'gate_proj,up_proj,down_proj' -> 'q_proj'"),
-                             ([f"--init_from={tmp_path}"], "init_from")]:
+                             ([f"--init_from={tmp_path}"], "base '")]:
         with pytest.raises(ValueError, match=re.escape(difference)):
             run(out, f"--data={data}", f"--init_from={base_dir}", *LORA, "--max_iters=4", *argv, "--resume=True")
 
