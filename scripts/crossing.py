@@ -41,7 +41,7 @@ def make_base(c, iters):
     """The built-in base after `iters` steps (train.py's own base, one CUT step after it unused)."""
     run = Path(c.out_dir) / f"base{iters}"
     base = run / "base"
-    if not (base / "config.json").is_file():
+    if not (run / "config.json").is_file():  # the CUT step saves once the base has finished
         run.mkdir(parents=True, exist_ok=True)
         with open(Path(c.out_dir) / "train.log", "a") as log:
             subprocess.run([sys.executable, "train.py", f"--out_dir={run}",
