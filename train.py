@@ -284,7 +284,7 @@ def set_up(cfg):
                            params=params, optimizer=optimizer, scaler=scaler, train_e=train_e,
                            val_e=val_e, start_iter=state["iter"] if state else 0,
                            data_sha256=data_hash(cfg.data), dev=dev, rank=rank, world=world,
-                           autocast=autocast)
+                           autocast=autocast, base_stamp=base_stamp(cfg))
 
 
 def train_step(run, it, cfg):
@@ -335,7 +335,7 @@ def checkpoint_state(run, cfg, it):
     optimizer = dist_sd.get_optimizer_state_dict(run.raw, run.optimizer, options=FULL)
     state = {"iter": it + 1, "optimizer": optimizer, "scaler": run.scaler.state_dict(),
              "rng": torch.get_rng_state(), "config": asdict(cfg), "data_sha256": run.data_sha256,
-             "base": base_stamp(cfg),
+             "base": run.base_stamp,
              "trainable": [p.detach().cpu() for p in run.params if cfg.lora_rank]}
     return state, weights
 

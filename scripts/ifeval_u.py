@@ -87,14 +87,14 @@ def measure(c):
     wrong = []
     gain = []
     broken = [broken_of(d) for d in flawed]  # checked once per response
-    for n, (d, s) in enumerate(zip(flawed, scored)):
+    for d, s, pairs in zip(flawed, scored, broken):
         if s is None:
             continue
         logp_x, logp_n, U = s
         n_u += int(U.sum())
         n_tokens += len(U)
         offsets = set()
-        for i, k in broken[n]:
+        for i, k in pairs:
             offsets.update(flaw_offsets(i, k, d["response"]) or ())
         if not offsets:
             continue  # no broken constraint has a token to point at

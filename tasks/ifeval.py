@@ -16,6 +16,7 @@ import json
 import re
 import string
 from collections import Counter
+from functools import partial
 
 RELATIONS = ("less than", "at least")
 ENDING_PHRASES = ("Any other questions?", "Is there anything else I can help with?")
@@ -227,14 +228,6 @@ def _one_case(response, upper):
         return asked + f"it has no {'capital' if upper else 'lowercase'} letters."
     other = "lowercase" if upper else "capital"
     return asked + f"it has {other} letters, e.g. in {_quote(response, at)}."
-
-
-def _english_lowercase(response):
-    return _one_case(response, upper=False)
-
-
-def _english_capital(response):
-    return _one_case(response, upper=True)
 
 
 def _not_english(what, response):
@@ -478,8 +471,8 @@ CHECKERS = {
     "combination:repeat_prompt": _repeat_prompt,
     "startend:end_checker": _end_checker,
     "change_case:capital_word_frequency": _capital_word_frequency,
-    "change_case:english_capital": _english_capital,
-    "change_case:english_lowercase": _english_lowercase,
+    "change_case:english_capital": partial(_one_case, upper=True),
+    "change_case:english_lowercase": partial(_one_case, upper=False),
     "punctuation:no_comma": _no_comma,
     "startend:quotation": _quotation,
 }
