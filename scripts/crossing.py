@@ -1,5 +1,5 @@
 """When do judgments beat filtering? CUT against rejection sampling (sft) and DPO over bases of
-different strength, through one online round on the model's own mistakes.
+different strength, through one online round on the model's own mistakes, and against injected ones.
 
     python -m scripts.crossing --jobs=2      # out/crossing/crossing.{json,md}, crossing.svg
 
@@ -7,22 +7,31 @@ Each base is the built-in task's base trained for fewer or more steps (base_step
 is, the more of its own sampled answers the judge flaws. From each base, at each number of judge
 calls (sizes: the responses sampled and judged in the round), scripts.online_compare runs one
 round of every method, chooses its learning rate on validation and runs `seeds` seeds on test.
-The table gives each method's test accuracy gained over its base against the base's flawed share,
-with U's precision and recall on the base (how well CUT's token detection finds the judged flaw),
-and names where CUT's gain crosses rejection sampling's. Finished runs are reused.
+The injected setting does the same from one base with the task's fixed responses instead of the
+samples, a share of them flawed by the task's own mistakes (the offline setting), so that the two
+settings can be told apart. The first table gives each method's test accuracy gained over its base
+against the flawed share; the second, for each point, U's precision and recall (judged by the
+base) on the round's own flawed responses and their kinds of mistake; the crossings are named
+where CUT's gain minus rejection sampling's changes sign beyond the seeds' spread. Finished runs
+are reused.
 This is an experiment driver: it runs train.py and scripts.online_compare.
 """
 import json
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import eval as ev
 from scripts import online_compare
 from support.settings import configure, run_program
+from support.triple_files import load_triples
+from tasks import letters
 
 HERE = Path(__file__).resolve().parents[1]  # the repository
-COLORS = {"cut": "#e45756", "sft": "#4c78a8", "dpo": "#54a24b"}
+COLORS = {"cut": "#e45756", "sft": "#4c78a8", "dpo": "#54a24b", "sft_all": "#f58518"}
+DASHES = ("", "5,3", "2,2", "8,3,2,3")  # one per (setting, size): own flaws first
 
 
 @dataclass
@@ -37,6 +46,11 @@ class Config:
     dpo_lrs: str = "1e-6,1e-5"
     seeds: int = 3
     jobs: int = 1
+    # injected flaws: the round's responses are the task's fixed data, this share flawed (offline),
+    # at the first size, from the base of injected_base steps
+    injected: str = "0.25,0.5,0.75,0.95,1.0"
+    injected_base: int = 1200
+    injected_methods: str = "cut,sft,sft_all"  # no dpo: one fixed response per instruction
 
 
 def make_base(c, iters):
@@ -52,105 +66,162 @@ def make_base(c, iters):
     return base
 
 
+def one_point(c, base, name, size, injected=0.0):
+    """One round of every method from the base (online_compare: lr chosen on validation, seeds on
+    test): its rows."""
+    settings = online_compare.Config(
+        base=str(base), out_dir=str(Path(c.out_dir) / name), lrs=c.lrs,
+        methods=c.injected_methods if injected else c.methods,
+        dpo_lrs=c.dpo_lrs, rounds=1, judge_calls=size, injected=injected, seeds=c.seeds,
+        jobs=c.jobs)
+    return online_compare.compare(settings)
+
+
+def detection(c, base, rows, name):
+    """U of the base (lam 2) against the judge's wrong tokens on the round's flawed responses (seed
+    1's, the same data for every method but dpo), and those responses' kinds of mistake."""
+    cut = next(r for r in rows if r["method"] == "cut")
+    data = Path(c.out_dir) / name / f"cut-lr{cut['lr']}-s1" / "round1" / "data.jsonl"
+    flawed = [t for t in load_triples(data, verbose=False) if t.judgment]
+    settings = ev.Config(ckpt=str(base), device="cpu")
+    model, tok, chat = ev.load(base, settings)
+    kinds = Counter(letters.check_response(t.instruction, t.response).kind for t in flawed)
+    shares = {k: kinds[k] / len(flawed) for k in ("swap", "missing", "order", "extra", "garbage")}
+    return dict(ev.token_detection(model, tok, chat, flawed, settings), flawed=len(flawed),
+                **shares)
+
+
 def sweep(c):
+    """Points (a method's gain at a base, size and setting) and detections (U at each base)."""
     points = []
-    for iters in map(int, c.base_steps.split(",")):
+    detections = []
+    runs = []  # (setting, base iters, judge calls, injected share)
+    for iters in map(int, filter(None, c.base_steps.split(","))):
+        runs += [("own", iters, size, 0.0) for size in map(int, c.sizes.split(","))]
+    for share in map(float, filter(None, c.injected.split(","))):
+        runs.append(("injected", c.injected_base, int(c.sizes.split(",")[0]), share))
+    for setting, iters, size, share in runs:
         base = make_base(c, iters)
-        for size in map(int, c.sizes.split(",")):
-            settings = online_compare.Config(
-                base=str(base), out_dir=str(Path(c.out_dir) / f"base{iters}-n{size}"),
-                methods=c.methods, lrs=c.lrs, dpo_lrs=c.dpo_lrs, rounds=1, judge_calls=size,
-                seeds=c.seeds, jobs=c.jobs)
-            rows = online_compare.compare(settings)
-            u = json.loads((base / "eval_test.json").read_text())["rows"][-1]  # round 0's
-            for row in rows:
-                start = row["test"][0]
-                points.append(dict(
-                    base_iters=iters, size=size, method=row["method"], lr=row["lr"],
-                    flawed_share=row["flawed_share"][0], base_accuracy=start,
-                    accuracy=row["test"][1], gain=row["test"][1] - start,
-                    gain_min=row["test_min"][1] - start, gain_max=row["test_max"][1] - start,
-                    swap=row["swap"][1], U_precision=u["U_precision"], U_recall=u["U_recall"],
-                    gain_other=u["gain_other"]))
-    return points
+        name = f"base{iters}-n{size}" + (f"-injected{share:g}" if share else "")
+        rows = one_point(c, base, name, size, share)
+        u = detection(c, base, rows, name)
+        u_task = json.loads((base / "eval_test.json").read_text())["rows"][-1]  # round 0's
+        detections.append(dict(setting=setting, base_iters=iters, size=size,
+                               flawed_share=rows[0]["flawed_share"][0],
+                               U_precision_task=u_task["U_precision"],
+                               U_recall_task=u_task["U_recall"], **u))
+        for row in rows:
+            start = row["test"][0]
+            points.append(dict(
+                setting=setting, base_iters=iters, size=size, method=row["method"], lr=row["lr"],
+                flawed_share=row["flawed_share"][0], base_accuracy=start,
+                accuracy=row["test"][1], gain=row["test"][1] - start,
+                gain_min=row["test_min"][1] - start, gain_max=row["test_max"][1] - start,
+                swap=row["swap"][1]))
+    return points, detections
 
 
 def crossings(points):
-    """Per size: the flawed shares between two bases where CUT's gain minus sft's changes sign."""
+    """Per setting and size: the flawed shares between two points where CUT's gain minus sft's
+    changes sign, each side's difference beyond the seeds' spread (else it is noise)."""
     found = []
-    for size in sorted({p["size"] for p in points}):
-        gain = {(p["method"], p["base_iters"]): p for p in points if p["size"] == size}
-        bases = sorted({p["flawed_share"]: p["base_iters"] for p in points
-                        if p["size"] == size and p["method"] == "cut"}.items())
+    for group in sorted({(p["setting"], p["size"]) for p in points}):
+        at = {}  # flawed share (CUT's) -> {method: point}
+        for p in points:
+            if (p["setting"], p["size"]) == group:
+                key = (p["base_iters"], p["flawed_share"] if p["setting"] == "injected" else 0)
+                at.setdefault(key, {})[p["method"]] = p
         diffs = []
-        for share, iters in bases:
-            if ("sft", iters) in gain:
-                diffs.append((share, gain[("cut", iters)]["gain"] - gain[("sft", iters)]["gain"]))
-        for (s0, d0), (s1, d1) in zip(diffs, diffs[1:]):
-            if (d0 > 0) != (d1 > 0):
-                at = s0 + (s1 - s0) * d0 / (d0 - d1)  # linear between the two bases
-                found.append(dict(size=size, flawed_share=at, low=s0, high=s1))
+        for methods in at.values():
+            if "cut" in methods and "sft" in methods:
+                cut = methods["cut"]
+                sft = methods["sft"]
+                clear = cut["gain_min"] > sft["gain_max"] or sft["gain_min"] > cut["gain_max"]
+                diffs.append((cut["flawed_share"], cut["gain"] - sft["gain"], clear))
+        diffs.sort()
+        for (s0, d0, clear0), (s1, d1, clear1) in zip(diffs, diffs[1:]):
+            if (d0 > 0) != (d1 > 0) and clear0 and clear1:
+                share = s0 + (s1 - s0) * d0 / (d0 - d1)  # linear between the two points
+                found.append(dict(setting=group[0], size=group[1], flawed_share=share, low=s0,
+                                  high=s1))
     return found
 
 
-def markdown(points, found):
-    lines = ["| base iters | judge calls | base flawed share | base accuracy | method | lr | "
-             "gain (min-max) | swap | U precision | U recall |", "|" + " --- |" * 10]
-    for p in sorted(points, key=lambda p: (p["size"], p["base_iters"], p["method"])):
-        lines.append(f"| {p['base_iters']} | {p['size']} | {p['flawed_share']:.3f} | "
-                     f"{p['base_accuracy']:.3f} | `{p['method']}` | {p['lr']:g} | "
-                     f"{p['gain']:+.3f} ({p['gain_min']:+.3f} to {p['gain_max']:+.3f}) | "
-                     f"{p['swap']:.3f} | {p['U_precision'] or 0:.3f} | {p['U_recall']:.3f} |")
+def markdown(points, detections, found):
+    lines = ["| setting | base iters | judge calls | flawed share | base accuracy | method | lr | "
+             "gain (min-max) | swap |", "|" + " --- |" * 9]
+    order = lambda p: (p["setting"] != "own", p["size"], p["base_iters"], p["flawed_share"])
+    for p in sorted(points, key=lambda p: (*order(p), p["method"])):
+        lines.append(f"| {p['setting']} | {p['base_iters']} | {p['size']} | "
+                     f"{p['flawed_share']:.3f} | {p['base_accuracy']:.3f} | `{p['method']}` | "
+                     f"{p['lr']:g} | {p['gain']:+.3f} ({p['gain_min']:+.3f} to "
+                     f"{p['gain_max']:+.3f}) | {p['swap']:.3f} |")
+    lines += ["", "| setting | base iters | judge calls | flawed share | flawed | swap | missing | "
+              "order | extra | garbage | U precision | U recall | frac_unlikely | gain_wrong | "
+              "gain_other | U precision, recall (task's flaws) |", "|" + " --- |" * 16]
+    for d in sorted(detections, key=order):
+        lines.append(f"| {d['setting']} | {d['base_iters']} | {d['size']} | "
+                     f"{d['flawed_share']:.3f} | {d['flawed']} | {d['swap']:.2f} | "
+                     f"{d['missing']:.2f} | {d['order']:.2f} | {d['extra']:.2f} | "
+                     f"{d['garbage']:.2f} | {d['U_precision'] or 0:.3f} | {d['U_recall']:.3f} | "
+                     f"{d['frac_unlikely']:.3f} | {d['gain_wrong']:+.2f} | "
+                     f"{d['gain_other']:+.2f} | {d['U_precision_task'] or 0:.3f}, "
+                     f"{d['U_recall_task']:.3f} |")
     lines.append("")
     for f in found:
-        lines.append(f"- {f['size']} judge calls: CUT's gain crosses sft's at a flawed share of "
-                     f"about {f['flawed_share']:.2f} (between {f['low']:.2f} and {f['high']:.2f})")
+        lines.append(f"- {f['setting']} flaws, {f['size']} judge calls: CUT's gain crosses sft's "
+                     f"at a flawed share of about {f['flawed_share']:.2f} (between "
+                     f"{f['low']:.2f} and {f['high']:.2f})")
     if not found:
-        lines.append("- no crossing: one method's gain is above the other's at every base")
+        lines.append("- no crossing: nowhere does the sign of CUT's gain minus sft's change "
+                     "between two points where both differences exceed the seeds' spread")
     return "\n".join(lines) + "\n"
 
 
 def svg(points):
-    """Accuracy gained against the base's flawed share; a line per method (color) and size (solid:
-    the first size, dashed: the others)."""
+    """Accuracy gained against the flawed share; a line per method (color) and per setting and
+    size (dashes)."""
     px = lambda share: 50 + 300 * share
     py = lambda gain: 130 - 100 * gain  # gains from -1 to +1
-    parts = ['<text x="4" y="14">test accuracy gained in one online round against the base\'s '
-             'flawed share (mean over seeds)</text>',
+    parts = ['<text x="4" y="14">test accuracy gained in one round against the flawed share of '
+             'its responses (mean over seeds)</text>',
              '<line x1="50" x2="50" y1="30" y2="230" stroke="black"/>',
              '<line x1="50" x2="350" y1="130" y2="130" stroke="#999"/>']
     parts += [f'<text x="{px(s):.1f}" y="244" text-anchor="middle">{s:.1f}</text>'
               for s in (0, .5, 1)]
     parts += [f'<text x="44" y="{py(g) + 4:.1f}" text-anchor="end">{g:+.1f}</text>'
               for g in (-1, 0, 1)]
-    sizes = sorted({p["size"] for p in points}, reverse=True)
+    groups = sorted({(p["setting"] != "own", -p["size"]) for p in points})
     k = 0
-    for size in sizes:
+    for dash, (injected, size) in zip(DASHES, groups):
+        setting = "injected" if injected else "own"
         for method in dict.fromkeys(p["method"] for p in points):
             line = sorted((p["flawed_share"], p["gain"]) for p in points
-                          if p["size"] == size and p["method"] == method)
+                          if (p["setting"], p["size"], p["method"]) == (setting, -size, method))
+            if not line:
+                continue
             pts = " ".join(f"{px(s):.1f},{py(g):.1f}" for s, g in line)
             color = COLORS.get(method, "#111111")
-            dash = "" if size == sizes[0] else ' stroke-dasharray="5,3"'
             parts += [f'<polyline points="{pts}" fill="none" stroke="{color}" '
-                      f'stroke-width="2"{dash}/>',
-                      f'<text x="360" y="{40 + 14 * k}" fill="{color}">{method}, {size}</text>']
+                      f'stroke-width="2" stroke-dasharray="{dash}"/>',
+                      f'<text x="360" y="{40 + 14 * k}" fill="{color}">{method}, {setting}, '
+                      f'{-size}</text>']
             k += 1
-    return ('<svg xmlns="http://www.w3.org/2000/svg" width="460" height="255" '
+    return ('<svg xmlns="http://www.w3.org/2000/svg" width="500" height="255" '
             'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" '
             f'fill="white"/>{"".join(parts)}</svg>\n')
 
 
 def main(argv):
     c = configure(Config(), argv)
-    points = sweep(c)
+    points, detections = sweep(c)
     found = crossings(points)
     root = Path(c.out_dir)
-    (root / "crossing.json").write_text(json.dumps(dict(config=asdict(c), points=points,
-                                                        crossings=found), indent=1))
-    (root / "crossing.md").write_text(markdown(points, found))
+    (root / "crossing.json").write_text(json.dumps(dict(
+        config=asdict(c), points=points, detections=detections, crossings=found), indent=1))
+    (root / "crossing.md").write_text(markdown(points, detections, found))
     (root / "crossing.svg").write_text(svg(points))
-    print(markdown(points, found))
+    print(markdown(points, detections, found))
     return points
 
 

@@ -19,8 +19,9 @@ judge, which writes the round's {instruction, response} records to ROUND/to_judg
 goes on when ROUND/judged.jsonl holds the same records with a `judgment` field. Every method gets
 the same number of judge calls per round: dpo samples two responses to half as many instructions and
 keeps the instructions where one was acceptable and one flawed (the judge ranked them), ilf_* have
-the current model refine each flawed response. Each finished step is reused when the command runs
-again.
+the current model refine each flawed response. With --injected=SHARE the round's responses are not
+sampled but the built-in task's fixed ones, that share flawed: the offline setting, to tell the
+model's own mistakes from injected ones. Each finished step is reused when the command runs again.
 This is an experiment driver: it runs train.py and eval.py as a user would.
 """
 import json
@@ -58,6 +59,8 @@ class Config:
     judge_calls: int = 384        # responses judged per round
     temperature: float = 1.0      # sampling the round's responses
     downsample: float = 0.0       # > 0: keep this x as many acceptable as flawed (authors: 0.25)
+    injected: float = 0.0         # letters, > 0: no sampling; the task's fixed responses, this share
+                                  # flawed by its injected mistakes (offline data, for comparison)
     max_iters: int = 150          # train.py iterations per round
     learning_rate: float = 3e-4
     lam: float = 2.0
@@ -223,7 +226,12 @@ def one_round(c, r, model_dir, root):
     per_prompt = 2 if c.method == "dpo" else 1
     prompts, task_judge = fresh_prompts(c, r, c.judge_calls // per_prompt)
     instructions = [p for p in prompts for _ in range(per_prompt)]
-    samples = sample(c, model_dir, instructions, round_dir)
+    if c.injected > 0:  # the round's letter lists (make_task's seed), with the task's responses
+        fixed = letters.make_task(len(prompts), seed=c.seed * 1000 + r, kind="mixed",
+                                  flawed_frac=c.injected, split="train")
+        samples = [(t.instruction, t.response) for t in fixed]
+    else:
+        samples = sample(c, model_dir, instructions, round_dir)
     if c.judge == "file":
         judgments = file_judge(round_dir, samples)
         if judgments is None:
@@ -304,6 +312,9 @@ def main(argv):
     if c.task == "ifeval" and not (c.instructions and c.ifeval):
         raise ValueError("task 'ifeval' needs --instructions=FILES (instructions to constrain) "
                          "and --ifeval=FILE (IFEval's input_data.jsonl)")
+    if c.injected > 0 and (c.task != "letters" or c.method == "dpo" or c.injected > 1):
+        raise ValueError(f"injected={c.injected}: injected flaws are a share in (0, 1] of the "
+                         "letters task's fixed responses, one per instruction (dpo needs two)")
     if not Path(c.base, "config.json").is_file():
         raise FileNotFoundError(f"base {c.base}: no checkpoint; `python train.py` makes out/base")
     root = Path(c.out_dir)

@@ -33,6 +33,7 @@ class Config:
     dpo_lrs: str = "1e-6,1e-5"    # dpo and ilf_dpo: DPO wants far smaller rates
     rounds: int = 3
     judge_calls: int = 384        # responses judged per round
+    injected: float = 0.0         # > 0: scripts.online's injected flaws instead of the samples
     seeds: int = 3
     jobs: int = 1                 # scripts.online processes at once
 
@@ -43,7 +44,7 @@ def online(c, method, lr, seed, split):
     out.mkdir(parents=True, exist_ok=True)
     argv = [f"--base={c.base}", f"--out_dir={out}", f"--method={method}", f"--learning_rate={lr}",
             f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}",
-            f"--judge_calls={c.judge_calls}"]
+            f"--judge_calls={c.judge_calls}", f"--injected={c.injected}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
     with open(out / f"online_{split}.log", "a") as log:
         subprocess.run([sys.executable, "-m", "scripts.online", *argv], cwd=HERE, check=True,

@@ -74,6 +74,23 @@ def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
     assert eval_file.stat().st_mtime == stamp
 
 
+def test_injected_flaws_replace_the_samples_with_the_tasks_fixed_responses(tmp_path, base):
+    args = [f"--base={base}", f"--out_dir={tmp_path}", "--method=sft", "--rounds=1",
+            "--judge_calls=16", "--max_iters=2", "--n_eval=20", "--injected=0.5",
+            f"--train_args={' '.join(TINY)}"]
+    record = online.main(args)["rounds"][1]
+    fixed = letters.make_task(16, seed=1001, kind="mixed", flawed_frac=0.5, split="train")
+    data = [json.loads(line) for line in (tmp_path / "round1" / "data.jsonl").read_text().splitlines()]
+    assert [(d["instruction"], d["response"], d["judgment"]) for d in data] == \
+        [(t.instruction, t.response, t.judgment) for t in fixed]
+    assert not (tmp_path / "round1" / "samples.json").exists()  # nothing was sampled
+    assert record["flawed_share"] == sum(t.judgment is not None for t in fixed) / 16
+    assert 0 < record["flawed_share"] < 1
+    for bad in ("--method=dpo", "--injected=1.5"):
+        with pytest.raises(ValueError, match="injected flaws are a share in"):
+            online.main([*args, bad])
+
+
 def test_refine_base_teaches_refining_with_correct_answers():
     from scripts.refine import refine_prompt
     from scripts import refine_base
@@ -205,31 +222,67 @@ def test_ifeval_u_points_at_the_characters_that_break_a_constraint():
 def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch, tmp_path):
     from scripts import crossing, online_compare
     share = {100: 0.9, 400: 0.5, 1200: 0.1}  # the weaker the base, the more of its answers flawed
-    gains = {"cut": {100: 0.30, 400: 0.10, 1200: 0.00}, "sft": {100: 0.10, 400: 0.20, 1200: 0.05}}
+    gains = {"cut": {100: 0.30, 400: 0.10, 1200: 0.00, 0.5: 0.02, 1.0: -0.02},
+             "sft": {100: 0.10, 400: 0.20, 1200: 0.05, 0.5: 0.00, 1.0: 0.00}}
 
     def fake_base(c, iters):
         base = tmp_path / f"base{iters}"
         base.mkdir(exist_ok=True)
-        row = {"U_precision": 0.5, "U_recall": 0.8, "gain_other": -0.1}
+        row = {"U_precision": 0.5, "U_recall": 0.8}
         (base / "eval_test.json").write_text(json.dumps({"rows": [row]}))
         return base
 
     def fake_compare(settings):
-        iters = int(Path(settings.base).name.removeprefix("base"))
-        return [dict(method=m, lr=1e-4, test=[0.5, 0.5 + g[iters]], test_min=[0.5, 0.5 + g[iters]],
-                     test_max=[0.5, 0.6 + g[iters]], swap=[0.1, 0.0],
-                     flawed_share=[share[iters]]) for m, g in gains.items()]
+        point = settings.injected or int(Path(settings.base).name.removeprefix("base"))
+        flawed = settings.injected or share[point]
+        assert settings.methods == ("cut,sft,sft_all" if settings.injected else "cut,sft,dpo")
+        return [dict(method=m, lr=1e-4, test=[0.5, 0.5 + g[point]],
+                     test_min=[0.5, 0.5 + g[point]], test_max=[0.5, 0.55 + g[point]],
+                     swap=[0.1, 0.0], flawed_share=[flawed]) for m, g in gains.items()]
+
+    def fake_detection(c, base, rows, name):
+        kinds = dict(swap=1.0, missing=0.0, order=0.0, extra=0.0, garbage=0.0)
+        return dict(U_precision=0.25, U_recall=0.5, frac_unlikely=0.01, gain_wrong=-0.1,
+                    gain_other=-0.2, flawed=10, **kinds)
     monkeypatch.setattr(crossing, "make_base", fake_base)
     monkeypatch.setattr(online_compare, "compare", fake_compare)
-    c = crossing.Config(out_dir=str(tmp_path), base_steps="100,400,1200", sizes="48")
-    points = crossing.main([f"--out_dir={tmp_path}", "--base_steps=100,400,1200", "--sizes=48"])
-    assert len(points) == 6 and c.sizes == "48"
+    monkeypatch.setattr(crossing, "detection", fake_detection)
+    points = crossing.main([f"--out_dir={tmp_path}", "--base_steps=100,400,1200", "--sizes=48",
+                            "--injected=0.5,1.0", "--injected_base=400"])
+    assert len(points) == 10
     cut100 = next(p for p in points if p["method"] == "cut" and p["base_iters"] == 100)
-    assert cut100["gain"] == pytest.approx(0.30) and cut100["gain_max"] == pytest.approx(0.40)
-    assert cut100["flawed_share"] == 0.9 and cut100["U_recall"] == 0.8
-    # cut - sft: -0.05 at 0.1, -0.10 at 0.5, +0.20 at 0.9: one crossing, between 0.5 and 0.9
-    found = json.loads((tmp_path / "crossing.json").read_text())["crossings"]
-    assert found == [dict(size=48, flawed_share=pytest.approx(0.5 + 0.4 * 0.10 / 0.30), low=0.5,
-                          high=0.9)]
-    assert "crosses sft's at a flawed share of about 0.63" in (tmp_path / "crossing.md").read_text()
-    assert (tmp_path / "crossing.svg").read_text().count("<polyline") == 2
+    assert cut100["gain"] == pytest.approx(0.30) and cut100["gain_max"] == pytest.approx(0.35)
+    assert cut100["flawed_share"] == 0.9 and cut100["setting"] == "own"
+    injected = [p for p in points if p["setting"] == "injected"]
+    assert {(p["base_iters"], p["flawed_share"]) for p in injected} == {(400, 0.5), (400, 1.0)}
+    # own: cut - sft is -0.05 at 0.1, -0.10 at 0.5, +0.20 at 0.9, each beyond the seeds' spread:
+    # one crossing, between 0.5 and 0.9. Injected: +0.02 then -0.02, within the spread: none.
+    result = json.loads((tmp_path / "crossing.json").read_text())
+    assert result["crossings"] == [dict(setting="own", size=48, low=0.5, high=0.9,
+                                        flawed_share=pytest.approx(0.5 + 0.4 * 0.10 / 0.30))]
+    assert len(result["detections"]) == 5
+    assert result["detections"][0]["U_recall_task"] == 0.8
+    assert result["detections"][0]["U_recall"] == 0.5
+    md = (tmp_path / "crossing.md").read_text()
+    assert "own flaws, 48 judge calls: CUT's gain crosses sft's at a flawed share of about 0.63" in md
+    assert (tmp_path / "crossing.svg").read_text().count("<polyline") == 4  # cut, sft x 2 settings
+
+
+def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
+    from scripts import crossing
+    import eval as ev
+    pairs = [("Sort these letters: c, a, b, d, e", "a, c, b, d, e"),  # a swap
+             ("Sort these letters: c, a, b", "a, b, c, z"),          # an extra letter
+             ("Sort these letters: c, a, b", "a, b, c")]             # acceptable: left out
+    triples = [letters.Triple(i, r, letters.check_response(i, r).judgment) for i, r in pairs]
+    data = tmp_path / "base1-n3" / "cut-lr0.0003-s1" / "round1" / "data.jsonl"
+    data.parent.mkdir(parents=True)
+    records = [dict(instruction=t.instruction, response=t.response, judgment=t.judgment)
+               for t in triples]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    rows = [dict(method="sft", lr=1e-4), dict(method="cut", lr=3e-4)]
+    found = crossing.detection(crossing.Config(out_dir=str(tmp_path)), base, rows, "base1-n3")
+    assert found["flawed"] == 2 and found["swap"] == 0.5 and found["extra"] == 0.5
+    settings = ev.Config(ckpt=str(base), device="cpu")
+    expected = ev.token_detection(*ev.load(base, settings), triples[:2], settings)
+    assert {k: found[k] for k in expected} == expected
