@@ -44,6 +44,8 @@ class Config:
     methods: str = "cut,sft,dpo"
     lrs: str = "1e-4,3e-4"
     dpo_lrs: str = "1e-6,1e-5"
+    iters: str = "150"            # train.py iterations a round, chosen with the rate on validation
+    small_iters: str = "25,150"   # the same for the sizes after the first: few triples overfit
     seeds: int = 3
     jobs: int = 1
     # injected flaws: the round's responses are the task's fixed data, this share flawed (offline),
@@ -67,10 +69,12 @@ def make_base(c, iters):
 
 
 def one_point(c, base, name, size, injected=0.0):
-    """One round of every method from the base (online_compare: lr chosen on validation, seeds on
-    test): its rows."""
+    """One round of every method from the base (online_compare: lr and iterations chosen on
+    validation, seeds on test): its rows."""
+    first = size == int(c.sizes.split(",")[0])
     settings = online_compare.Config(
         base=str(base), out_dir=str(Path(c.out_dir) / name), lrs=c.lrs,
+        iters=c.iters if first else c.small_iters,
         methods=c.injected_methods if injected else c.methods,
         dpo_lrs=c.dpo_lrs, rounds=1, judge_calls=size, injected=injected, seeds=c.seeds,
         jobs=c.jobs)
@@ -114,6 +118,7 @@ def sweep(c):
             start = row["test"][0]
             points.append(dict(
                 setting=setting, base_iters=iters, size=size, method=row["method"], lr=row["lr"],
+                iters=row["iters"],
                 flawed_share=row["flawed_share"][0], base_accuracy=start,
                 accuracy=row["test"][1], gain=row["test"][1] - start,
                 gain_min=row["test_min"][1] - start, gain_max=row["test_max"][1] - start,
@@ -148,13 +153,13 @@ def crossings(points):
 
 
 def markdown(points, detections, found):
-    lines = ["| setting | base iters | judge calls | flawed share | base accuracy | method | lr | "
-             "gain (min-max) | swap |", "|" + " --- |" * 9]
+    lines = ["| setting | base iters | judge calls | flawed share | base accuracy | method | "
+             "lr, iters | gain (min-max) | swap |", "|" + " --- |" * 9]
     order = lambda p: (p["setting"] != "own", p["size"], p["base_iters"], p["flawed_share"])
     for p in sorted(points, key=lambda p: (*order(p), p["method"])):
         lines.append(f"| {p['setting']} | {p['base_iters']} | {p['size']} | "
                      f"{p['flawed_share']:.3f} | {p['base_accuracy']:.3f} | `{p['method']}` | "
-                     f"{p['lr']:g} | {p['gain']:+.3f} ({p['gain_min']:+.3f} to "
+                     f"{p['lr']:g}, {p['iters']} | {p['gain']:+.3f} ({p['gain_min']:+.3f} to "
                      f"{p['gain_max']:+.3f}) | {p['swap']:.3f} |")
     lines += ["", "| setting | base iters | judge calls | flawed share | flawed | swap | missing | "
               "order | extra | garbage | U precision | U recall | frac_unlikely | gain_wrong | "

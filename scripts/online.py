@@ -59,8 +59,8 @@ class Config:
     judge_calls: int = 384        # responses judged per round
     temperature: float = 1.0      # sampling the round's responses
     downsample: float = 0.0       # > 0: keep this x as many acceptable as flawed (authors: 0.25)
-    injected: float = 0.0         # letters, > 0: no sampling; the task's fixed responses, this share
-                                  # flawed by its injected mistakes (offline data, for comparison)
+    injected: float = 0.0         # letters, > 0: not sampled but the task's fixed responses, this
+                                  # share flawed by its injected mistakes (offline, for comparison)
     max_iters: int = 150          # train.py iterations per round
     learning_rate: float = 3e-4
     lam: float = 2.0

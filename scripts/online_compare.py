@@ -4,9 +4,10 @@
     python -m scripts.online_compare --jobs=2    # out/online-compare/compare.{json,md}, online.svg
 
 For each method: 3 rounds of scripts.online from the same base at each learning rate of its grid
-(seed 1, judged on the validation instructions); the rate whose last round is most accurate is
-chosen (ties: the smaller rate); then `seeds` runs at that rate are judged on the test instructions
-(seed 1's run is the grid's, evaluated again). Every method has the same judge calls per round. Each
+and each number of iterations a round (seed 1, judged on the validation instructions); the pair
+whose last round is most accurate is chosen (ties: the smaller rate, then fewer iterations); then
+`seeds` runs at it are judged on the test instructions (seed 1's run is the grid's, evaluated
+again). Every method has the same judge calls per round. Each
 finished round is reused when the command runs again.
 This is an experiment driver: it runs scripts.online, which runs train.py and eval.py.
 """
@@ -19,9 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scripts.online import Config as OnlineConfig
 from support.settings import configure, run_program
 
 HERE = Path(__file__).resolve().parents[1]  # the repository
+ONLINE_ITERS = OnlineConfig.max_iters  # scripts.online's default: its runs keep their names
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Config:
     methods: str = "cut,sft,sft_all,hindsight,forward,ilf_mle,ilf_dpo,dpo"
     lrs: str = "1e-4,3e-4"        # the grid of every method but the DPO ones
     dpo_lrs: str = "1e-6,1e-5"    # dpo and ilf_dpo: DPO wants far smaller rates
+    iters: str = "150"            # the grid of train.py iterations a round, with the rates
     rounds: int = 3
     judge_calls: int = 384        # responses judged per round
     injected: float = 0.0         # > 0: scripts.online's injected flaws instead of the samples
@@ -38,12 +42,15 @@ class Config:
     jobs: int = 1                 # scripts.online processes at once
 
 
-def online(c, method, lr, seed, split):
+def online(c, method, lr, iters, seed, split):
     """One scripts.online run (resumed if it ran before): its summary."""
-    out = Path(c.out_dir) / f"{method}-lr{lr}-s{seed}"
+    name = f"{method}-lr{lr}"
+    if iters != ONLINE_ITERS:
+        name += f"-it{iters}"
+    out = Path(c.out_dir) / f"{name}-s{seed}"
     out.mkdir(parents=True, exist_ok=True)
     argv = [f"--base={c.base}", f"--out_dir={out}", f"--method={method}", f"--learning_rate={lr}",
-            f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}",
+            f"--max_iters={iters}", f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}",
             f"--judge_calls={c.judge_calls}", f"--injected={c.injected}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
     with open(out / f"online_{split}.log", "a") as log:
@@ -57,22 +64,23 @@ def compare(c):
     grid = []
     for m in methods:
         rates = c.dpo_lrs if m in ("dpo", "ilf_dpo") else c.lrs
-        grid += [(m, float(lr)) for lr in rates.split(",")]
+        for lr in rates.split(","):
+            grid += [(m, float(lr), int(n)) for n in c.iters.split(",")]
     with ThreadPoolExecutor(c.jobs) as pool:
-        val = dict(zip(grid, pool.map(lambda g: online(c, g[0], g[1], 1, "val"), grid)))
-    chosen = {}
-    for (m, lr), summary in val.items():
+        val = dict(zip(grid, pool.map(lambda g: online(c, *g, 1, "val"), grid)))
+    chosen = {}  # ties: the smaller rate, then the fewer iterations (the grid's order)
+    for (m, lr, iters), summary in val.items():
         last = summary["rounds"][-1]["accuracy"]
-        if m not in chosen or last > chosen[m][1]:
-            chosen[m] = (lr, last)
-    runs = [(m, chosen[m][0], s) for m in methods for s in range(1, c.seeds + 1)]
+        if m not in chosen or last > chosen[m][2]:
+            chosen[m] = (lr, iters, last)
+    runs = [(m, *chosen[m][:2], s) for m in methods for s in range(1, c.seeds + 1)]
     with ThreadPoolExecutor(c.jobs) as pool:
-        test = list(pool.map(lambda r: online(c, r[0], r[1], r[2], "test"), runs))
+        test = list(pool.map(lambda r: online(c, *r, "test"), runs))
     rows = []
     for m in methods:
-        summaries = [t for (mm, _, _), t in zip(runs, test) if mm == m]
+        summaries = [t for run, t in zip(runs, test) if run[0] == m]
         per_round = list(zip(*[[r["accuracy"] for r in s["rounds"]] for s in summaries]))
-        rows.append(dict(method=m, lr=chosen[m][0], val=chosen[m][1],
+        rows.append(dict(method=m, lr=chosen[m][0], iters=chosen[m][1], val=chosen[m][2],
                          test=[statistics.mean(a) for a in per_round],
                          test_min=[min(a) for a in per_round], test_max=[max(a) for a in per_round],
                          swap=[statistics.mean(r["swap"] for r in rs)
@@ -83,13 +91,14 @@ def compare(c):
 
 
 def markdown(rows):
-    lines = ["| method | lr (val) | test accuracy, rounds 0..R: mean (min-max over seeds) | swap |",
+    lines = ["| method | lr, iterations (val) | test accuracy, rounds 0..R: mean (min-max over seeds) | swap |",
              "| --- | --- | --- | --- |"]
     for r in rows:
         acc = " / ".join(f"{m:.3f} ({lo:.2f}-{hi:.2f})"
                          for m, lo, hi in zip(r["test"], r["test_min"], r["test_max"]))
         swap = " / ".join(f"{v:.3f}" for v in r["swap"])
-        lines.append(f"| `{r['method']}` | {r['lr']:g} ({r['val']:.3f}) | {acc} | {swap} |")
+        lines.append(f"| `{r['method']}` | {r['lr']:g}, {r['iters']} ({r['val']:.3f}) | {acc} | "
+                     f"{swap} |")
     return "\n".join(lines) + "\n"
 
 

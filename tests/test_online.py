@@ -1,6 +1,8 @@
 """scripts/online.py: the file judge's round trip (written, read back, mismatched records refused)
-and one round of each kind of method end to end on a tiny base, resumed without redoing a step."""
+and one round of each kind of method end to end on a tiny base, resumed without redoing a step;
+the crossing's drivers (injected flaws, U on a round's own flaws, long lists with one local flaw)."""
 import json
+import zlib
 from pathlib import Path
 
 import pytest
@@ -80,7 +82,8 @@ def test_injected_flaws_replace_the_samples_with_the_tasks_fixed_responses(tmp_p
             f"--train_args={' '.join(TINY)}"]
     record = online.main(args)["rounds"][1]
     fixed = letters.make_task(16, seed=1001, kind="mixed", flawed_frac=0.5, split="train")
-    data = [json.loads(line) for line in (tmp_path / "round1" / "data.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "round1" / "data.jsonl").read_text().splitlines()
+    data = [json.loads(line) for line in lines]
     assert [(d["instruction"], d["response"], d["judgment"]) for d in data] == \
         [(t.instruction, t.response, t.judgment) for t in fixed]
     assert not (tmp_path / "round1" / "samples.json").exists()  # nothing was sampled
@@ -104,25 +107,47 @@ def test_refine_base_teaches_refining_with_correct_answers():
 def test_online_compare_chooses_each_method_rate_on_validation(monkeypatch, tmp_path):
     from scripts import online_compare
     # made-up last-round validation accuracies; test accuracies that tell seeds apart
-    val = {("cut", 1e-4): 0.5, ("cut", 3e-4): 0.6, ("dpo", 1e-6): 0.4, ("dpo", 1e-5): 0.4}
+    val = {("cut", 1e-4, 150): 0.5, ("cut", 3e-4, 150): 0.6, ("dpo", 1e-6, 150): 0.4,
+           ("dpo", 1e-5, 150): 0.4, ("cut", 1e-4, 20): 0.7, ("cut", 3e-4, 20): 0.7,
+           ("dpo", 1e-6, 20): 0.3, ("dpo", 1e-5, 20): 0.3}
     calls = []
 
-    def fake(c, method, lr, seed, split):
-        calls.append((method, lr, seed, split))
-        acc = val[(method, lr)] if split == "val" else 0.1 * seed
+    def fake(c, method, lr, iters, seed, split):
+        calls.append((method, lr, iters, seed, split))
+        acc = val[(method, lr, iters)] if split == "val" else 0.1 * seed
         return {"rounds": [{"accuracy": 0.3, "swap": 0.0},
                            {"accuracy": acc, "swap": 0.1, "flawed_share": 0.5}]}
     monkeypatch.setattr(online_compare, "online", fake)
-    c = online_compare.Config(out_dir=str(tmp_path), methods="cut,dpo", seeds=3)
+    c = online_compare.Config(out_dir=str(tmp_path), methods="cut,dpo", seeds=3, iters="20,150")
     rows = online_compare.compare(c)
-    assert [(r["method"], r["lr"]) for r in rows] == [("cut", 3e-4), ("dpo", 1e-6)]  # ties: smaller
+    # ties: the smaller rate, then the fewer iterations
+    assert [(r["method"], r["lr"], r["iters"]) for r in rows] == [("cut", 1e-4, 20),
+                                                                  ("dpo", 1e-6, 150)]
     assert rows[0]["flawed_share"] == [0.5]
-    assert rows[0]["test"] == pytest.approx([0.3, 0.2]) and rows[0]["test_max"] == pytest.approx([0.3, 0.3])
-    assert sorted(k for k in calls if k[3] == "test") == \
-        [("cut", 3e-4, s, "test") for s in (1, 2, 3)] + [("dpo", 1e-6, s, "test") for s in (1, 2, 3)]
-    assert "| `cut` | 0.0003 (0.600) | 0.300 (0.30-0.30) / 0.200 (0.10-0.30) | 0.000 / 0.100 |" in \
-        online_compare.markdown(rows)
+    assert rows[0]["test"] == pytest.approx([0.3, 0.2])
+    assert rows[0]["test_max"] == pytest.approx([0.3, 0.3])
+    assert sorted(k for k in calls if k[4] == "test") == \
+        [("cut", 1e-4, 20, s, "test") for s in (1, 2, 3)] + \
+        [("dpo", 1e-6, 150, s, "test") for s in (1, 2, 3)]
+    assert "| `cut` | 0.0001, 20 (0.700) | 0.300 (0.30-0.30) / 0.200 (0.10-0.30) | 0.000 / 0.100 |" \
+        in online_compare.markdown(rows)
     assert online_compare.svg(rows).count("<polyline") == 2
+
+
+def test_online_compare_names_a_run_by_its_iterations_unless_the_default(monkeypatch, tmp_path):
+    from scripts import online_compare
+    argvs = []
+
+    def fake_run(argv, **kwargs):
+        argvs.append(argv)
+        out = next(a for a in argv if a.startswith("--out_dir=")).removeprefix("--out_dir=")
+        Path(out, "online.json").write_text("{}")
+    monkeypatch.setattr(online_compare.subprocess, "run", fake_run)
+    c = online_compare.Config(out_dir=str(tmp_path), injected=0.5)
+    online_compare.online(c, "cut", 1e-4, 150, 2, "val")
+    online_compare.online(c, "cut", 1e-4, 20, 2, "val")
+    assert (tmp_path / "cut-lr0.0001-s2").is_dir() and (tmp_path / "cut-lr0.0001-it20-s2").is_dir()
+    assert "--max_iters=20" in argvs[1] and "--injected=0.5" in argvs[1]
 
 
 def test_downsample_keeps_acceptable_triples_at_a_share_of_the_flawed(tmp_path):
@@ -236,7 +261,8 @@ def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch,
         point = settings.injected or int(Path(settings.base).name.removeprefix("base"))
         flawed = settings.injected or share[point]
         assert settings.methods == ("cut,sft,sft_all" if settings.injected else "cut,sft,dpo")
-        return [dict(method=m, lr=1e-4, test=[0.5, 0.5 + g[point]],
+        assert settings.iters == ("150" if settings.judge_calls == 48 else "25,150")
+        return [dict(method=m, lr=1e-4, iters=150, test=[0.5, 0.5 + g[point]],
                      test_min=[0.5, 0.5 + g[point]], test_max=[0.5, 0.55 + g[point]],
                      swap=[0.1, 0.0], flawed_share=[flawed]) for m, g in gains.items()]
 
@@ -247,9 +273,10 @@ def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch,
     monkeypatch.setattr(crossing, "make_base", fake_base)
     monkeypatch.setattr(online_compare, "compare", fake_compare)
     monkeypatch.setattr(crossing, "detection", fake_detection)
-    points = crossing.main([f"--out_dir={tmp_path}", "--base_steps=100,400,1200", "--sizes=48",
-                            "--injected=0.5,1.0", "--injected_base=400"])
-    assert len(points) == 10
+    points = crossing.main([f"--out_dir={tmp_path}", "--base_steps=100,400,1200",
+                            "--sizes=48,12", "--injected=0.5,1.0", "--injected_base=400"])
+    assert len(points) == 16  # 3 bases x 2 sizes + 2 injected shares (at the first size), x 2
+    points = [p for p in points if p["size"] == 48]
     cut100 = next(p for p in points if p["method"] == "cut" and p["base_iters"] == 100)
     assert cut100["gain"] == pytest.approx(0.30) and cut100["gain_max"] == pytest.approx(0.35)
     assert cut100["flawed_share"] == 0.9 and cut100["setting"] == "own"
@@ -258,14 +285,17 @@ def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch,
     # own: cut - sft is -0.05 at 0.1, -0.10 at 0.5, +0.20 at 0.9, each beyond the seeds' spread:
     # one crossing, between 0.5 and 0.9. Injected: +0.02 then -0.02, within the spread: none.
     result = json.loads((tmp_path / "crossing.json").read_text())
-    assert result["crossings"] == [dict(setting="own", size=48, low=0.5, high=0.9,
-                                        flawed_share=pytest.approx(0.5 + 0.4 * 0.10 / 0.30))]
-    assert len(result["detections"]) == 5
+    assert result["crossings"][0] == dict(setting="own", size=12, low=0.5, high=0.9,
+                                          flawed_share=pytest.approx(0.5 + 0.4 * 0.10 / 0.30))
+    assert result["crossings"][1:] == [dict(result["crossings"][0], size=48)]
+    assert len(result["detections"]) == 8
     assert result["detections"][0]["U_recall_task"] == 0.8
     assert result["detections"][0]["U_recall"] == 0.5
     md = (tmp_path / "crossing.md").read_text()
-    assert "own flaws, 48 judge calls: CUT's gain crosses sft's at a flawed share of about 0.63" in md
-    assert (tmp_path / "crossing.svg").read_text().count("<polyline") == 4  # cut, sft x 2 settings
+    assert "own flaws, 48 judge calls: CUT's gain crosses sft's at a flawed share of about 0.63" \
+        in md
+    # cut and sft, for each of own at 48, own at 12, injected at 48
+    assert (tmp_path / "crossing.svg").read_text().count("<polyline") == 6
 
 
 def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
@@ -286,3 +316,29 @@ def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
     settings = ev.Config(ckpt=str(base), device="cpu")
     expected = ev.token_detection(*ev.load(base, settings), triples[:2], settings)
     assert {k: found[k] for k in expected} == expected
+
+
+def test_long_flaws_swap_two_neighbours_in_long_lists_and_compare_end_to_end(tmp_path):
+    from scripts import long_flaws
+    triples = long_flaws.make_triples(200, 1, "val", 0.5)
+    for t in triples:
+        given, _, _ = letters._letter_list(t.instruction)
+        got, _, _ = letters._letter_list(t.response)
+        assert 8 <= len(given) <= 12 and len(set(given)) == len(given)
+        assert letters.SPLITS[zlib.crc32("".join(given).encode()) % 10] == "val"
+        bad = [k for k, (a, b) in enumerate(zip(got, sorted(given))) if a != b]
+        assert (t.judgment is None) == (bad == [])
+        assert bad == [] or (len(bad) == 2 and bad[1] == bad[0] + 1)  # one neighbouring swap
+    assert 80 < sum(t.judgment is not None for t in triples) < 120
+    judged = long_flaws.make_triples(40, 1, "train", 0.5, judged=True)
+    assert all(t.judgment is None for t in judged)
+    assert any("\n\n### Judgment:\nThe" in t.instruction for t in judged)
+    rows = long_flaws.main([f"--out_dir={tmp_path}", "--base_iters=2", "--base_size=40",
+                            "--shares=0.5", "--size=16", "--max_iters=1", "--seeds=2",
+                            "--n_eval=4", "--methods=cut,sft", "--lrs=1e-4"])
+    assert [(r["method"], r["share"]) for r in rows] == [("cut", 0.5), ("sft", 0.5)]
+    for r in rows:
+        runs = [tmp_path / f"0.5-{r['method']}-lr{r['lr']:g}-s{s}" for s in (1, 2)]
+        accs = [json.loads((run / "long_eval_test.json").read_text())["ok"] for run in runs]
+        assert r["test"] == pytest.approx(sum(accs) / 2)
+    assert "| 0.5 | `cut` |" in (tmp_path / "long_flaws.md").read_text()
