@@ -85,7 +85,8 @@ def detection(c, base, rows, name):
     """U of the base (lam 2) against the judge's wrong tokens on the round's flawed responses (seed
     1's, the same data for every method but dpo), and those responses' kinds of mistake."""
     cut = next(r for r in rows if r["method"] == "cut")
-    data = Path(c.out_dir) / name / f"cut-lr{cut['lr']}-s1" / "round1" / "data.jsonl"
+    run = online_compare.run_name("cut", cut["lr"], cut["iters"], 1)
+    data = Path(c.out_dir) / name / run / "round1" / "data.jsonl"
     flawed = [t for t in load_triples(data, verbose=False) if t.judgment]
     settings = ev.Config(ckpt=str(base), device="cpu")
     model, tok, chat = ev.load(base, settings)

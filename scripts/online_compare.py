@@ -42,12 +42,16 @@ class Config:
     jobs: int = 1                 # scripts.online processes at once
 
 
-def online(c, method, lr, iters, seed, split):
-    """One scripts.online run (resumed if it ran before): its summary."""
+def run_name(method, lr, iters, seed):
     name = f"{method}-lr{lr}"
     if iters != ONLINE_ITERS:
         name += f"-it{iters}"
-    out = Path(c.out_dir) / f"{name}-s{seed}"
+    return f"{name}-s{seed}"
+
+
+def online(c, method, lr, iters, seed, split):
+    """One scripts.online run (resumed if it ran before): its summary."""
+    out = Path(c.out_dir) / run_name(method, lr, iters, seed)
     out.mkdir(parents=True, exist_ok=True)
     argv = [f"--base={c.base}", f"--out_dir={out}", f"--method={method}", f"--learning_rate={lr}",
             f"--max_iters={iters}", f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}",

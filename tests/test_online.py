@@ -310,7 +310,7 @@ def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
     records = [dict(instruction=t.instruction, response=t.response, judgment=t.judgment)
                for t in triples]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    rows = [dict(method="sft", lr=1e-4), dict(method="cut", lr=3e-4)]
+    rows = [dict(method="sft", lr=1e-4, iters=150), dict(method="cut", lr=3e-4, iters=150)]
     found = crossing.detection(crossing.Config(out_dir=str(tmp_path)), base, rows, "base1-n3")
     assert found["flawed"] == 2 and found["swap"] == 0.5 and found["extra"] == 0.5
     settings = ev.Config(ckpt=str(base), device="cpu")
