@@ -155,13 +155,14 @@ def crossings(points):
 
 def markdown(points, detections, found):
     lines = ["| setting | base iters | judge calls | flawed share | base accuracy | method | "
-             "lr, iters | gain (min-max) | swap |", "|" + " --- |" * 9]
-    order = lambda p: (p["setting"] != "own", p["size"], p["base_iters"], p["flawed_share"])
+             "lr, iters | gain (min-max) | swap | other mistakes |", "|" + " --- |" * 10]
+    order = lambda p: (p["setting"] != "own", -p["size"], p["base_iters"], p["flawed_share"])
     for p in sorted(points, key=lambda p: (*order(p), p["method"])):
         lines.append(f"| {p['setting']} | {p['base_iters']} | {p['size']} | "
                      f"{p['flawed_share']:.3f} | {p['base_accuracy']:.3f} | `{p['method']}` | "
                      f"{p['lr']:g}, {p['iters']} | {p['gain']:+.3f} ({p['gain_min']:+.3f} to "
-                     f"{p['gain_max']:+.3f}) | {p['swap']:.3f} |")
+                     f"{p['gain_max']:+.3f}) | {p['swap']:.3f} | "
+                     f"{1 - p['accuracy'] - p['swap']:.3f} |")
     lines += ["", "| setting | base iters | judge calls | flawed share | flawed | swap | missing | "
               "order | extra | garbage | U precision | U recall | frac_unlikely | gain_wrong | "
               "gain_other | U precision, recall (task's flaws) |", "|" + " --- |" * 16]
