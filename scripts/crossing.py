@@ -53,6 +53,7 @@ class Config:
     injected: str = "0.25,0.5,0.75,0.95,1.0"
     injected_base: int = 1200
     injected_methods: str = "cut,sft,sft_all"  # no dpo: one fixed response per instruction
+    injected_iters: str = "25,150"  # few acceptable responses: the filter's 150 iterations overfit
 
 
 def make_base(c, iters):
@@ -68,13 +69,11 @@ def make_base(c, iters):
     return base
 
 
-def one_point(c, base, name, size, injected=0.0):
+def one_point(c, base, name, size, iters, injected=0.0):
     """One round of every method from the base (online_compare: lr and iterations chosen on
     validation, seeds on test): its rows."""
-    first = size == int(c.sizes.split(",")[0])
     settings = online_compare.Config(
-        base=str(base), out_dir=str(Path(c.out_dir) / name), lrs=c.lrs,
-        iters=c.iters if first else c.small_iters,
+        base=str(base), out_dir=str(Path(c.out_dir) / name), lrs=c.lrs, iters=iters,
         methods=c.injected_methods if injected else c.methods,
         dpo_lrs=c.dpo_lrs, rounds=1, judge_calls=size, injected=injected, seeds=c.seeds,
         jobs=c.jobs)
@@ -100,15 +99,17 @@ def sweep(c):
     """Points (a method's gain at a base, size and setting) and detections (U at each base)."""
     points = []
     detections = []
-    runs = []  # (setting, base iters, judge calls, injected share)
+    sizes = [int(size) for size in c.sizes.split(",")]
+    runs = []  # (setting, base iters, judge calls, the grid of iterations a round, injected share)
     for iters in map(int, filter(None, c.base_steps.split(","))):
-        runs += [("own", iters, size, 0.0) for size in map(int, c.sizes.split(","))]
+        runs.append(("own", iters, sizes[0], c.iters, 0.0))
+        runs += [("own", iters, size, c.small_iters, 0.0) for size in sizes[1:]]
     for share in map(float, filter(None, c.injected.split(","))):
-        runs.append(("injected", c.injected_base, int(c.sizes.split(",")[0]), share))
-    for setting, iters, size, share in runs:
+        runs.append(("injected", c.injected_base, sizes[0], c.injected_iters, share))
+    for setting, iters, size, grid, share in runs:
         base = make_base(c, iters)
         name = f"base{iters}-n{size}" + (f"-injected{share:g}" if share else "")
-        rows = one_point(c, base, name, size, share)
+        rows = one_point(c, base, name, size, grid, share)
         u = detection(c, base, rows, name)
         u_task = json.loads((base / "eval_test.json").read_text())["rows"][-1]  # round 0's
         detections.append(dict(setting=setting, base_iters=iters, size=size,
