@@ -9,7 +9,7 @@ filter throws away some twenty right letters with each wrong pair; CUT keeps the
 trained from scratch on such lists (train.py, sft_all, as the built-in base: a quarter of its
 prompts hold a judgment and the flawed answer it describes, so that it learns to read judgments).
 Then, for each share of flawed responses in fixed data of `size` triples (injected flaws, the
-offline setting), each method trains `max_iters` iterations at the learning rate whose sampled
+offline setting), each method trains at the learning rate and iterations (lrs, iters) whose sampled
 answers to validation lists are most accurate (seed 1), then `seeds` seeds are evaluated on test
 lists. U's precision and recall (judged by the base) are measured on each share's flawed
 responses. Finished runs are reused.
@@ -45,8 +45,8 @@ class Config:
     shares: str = "0.5,0.9"       # flawed shares of the fine-tuning data
     size: int = 384               # fine-tuning triples, as many as an online round's judge calls
     methods: str = "cut,sft,sft_all"
-    lrs: str = "1e-4,3e-4"
-    max_iters: int = 150
+    lrs: str = "3e-5,1e-4,3e-4"   # 3e-5: a filter with few answers left may keep the base best
+    iters: str = "25,150"         # the grid of iterations, chosen with the rate on validation
     seeds: int = 3
     n_eval: int = 300             # validation or test lists, answers sampled at temperature 1
     jobs: int = 1                 # train.py processes at once
@@ -139,33 +139,40 @@ def main(argv):
         flawed = [t for t in make_triples(c.size, 1, "train", share) if t.judgment]
         u = detection(c, base, flawed)
 
-        def run(method, lr, seed, split):
-            out = train(c, root / f"{share:g}-{method}-lr{lr:g}-s{seed}", f"--init_from={base}",
+        def run(method, lr, iters, seed, split):
+            name = f"{share:g}-{method}-lr{lr:g}"
+            if iters != 150:  # the first runs' name, before iterations had a grid
+                name += f"-it{iters}"
+            out = train(c, root / f"{name}-s{seed}", f"--init_from={base}",
                         f"--data={data[seed]}", f"--loss={method}", f"--learning_rate={lr}",
-                        f"--max_iters={c.max_iters}", f"--seed={seed}")
+                        f"--max_iters={iters}", f"--seed={seed}")
             return evaluate(c, out, split)
-        grid = [(m, float(lr)) for m in methods for lr in c.lrs.split(",")]
+        grid = []
+        for m in methods:
+            for lr in c.lrs.split(","):
+                grid += [(m, float(lr), int(n)) for n in c.iters.split(",")]
         with ThreadPoolExecutor(c.jobs) as pool:
-            val = list(pool.map(lambda g: run(g[0], g[1], 1, "val")["ok"], grid))
-        chosen = {}
-        for (m, lr), acc in zip(grid, val):
-            if m not in chosen or acc > chosen[m][1]:
-                chosen[m] = (lr, acc)
-        runs = [(m, chosen[m][0], s) for m in methods for s in range(1, c.seeds + 1)]
+            val = list(pool.map(lambda g: run(*g, 1, "val")["ok"], grid))
+        chosen = {}  # ties: the grid's order (smaller rate, fewer iterations first)
+        for (m, lr, iters), acc in zip(grid, val):
+            if m not in chosen or acc > chosen[m][2]:
+                chosen[m] = (lr, iters, acc)
+        runs = [(m, *chosen[m][:2], s) for m in methods for s in range(1, c.seeds + 1)]
         with ThreadPoolExecutor(c.jobs) as pool:
             test = list(pool.map(lambda r: run(*r, "test"), runs))
         for m in methods:
-            accs = [t["ok"] for (mm, _, _), t in zip(runs, test) if mm == m]
-            rows.append(dict(share=share, method=m, lr=chosen[m][0], val=chosen[m][1],
+            accs = [t["ok"] for r, t in zip(runs, test) if r[0] == m]
+            rows.append(dict(share=share, method=m, lr=chosen[m][0], iters=chosen[m][1],
+                             val=chosen[m][2],
                              test=statistics.mean(accs), test_min=min(accs), test_max=max(accs),
                              gain=statistics.mean(accs) - start["test"], flawed=len(flawed),
                              U_precision=u["U_precision"], U_recall=u["U_recall"]))
     lines = [f"base: {c.base_iters} steps, sampled accuracy {start['test']:.3f} on test lists",
-             "", "| flawed share | method | lr (val accuracy) | test accuracy (min-max) | gain | "
-             "U precision | U recall |", "|" + " --- |" * 7]
+             "", "| flawed share | method | lr, iters (val accuracy) | test accuracy (min-max) | "
+             "gain | U precision | U recall |", "|" + " --- |" * 7]
     for r in rows:
-        lines.append(f"| {r['share']:g} | `{r['method']}` | {r['lr']:g} ({r['val']:.3f}) | "
-                     f"{r['test']:.3f} ({r['test_min']:.3f}-{r['test_max']:.3f}) | "
+        lines.append(f"| {r['share']:g} | `{r['method']}` | {r['lr']:g}, {r['iters']} "
+                     f"({r['val']:.3f}) | {r['test']:.3f} ({r['test_min']:.3f}-{r['test_max']:.3f}) | "
                      f"{r['gain']:+.3f} | {r['U_precision'] or 0:.3f} | {r['U_recall']:.3f} |")
     md = "\n".join(lines) + "\n"
     (root / "long_flaws.json").write_text(json.dumps(dict(config=asdict(c), base=start, rows=rows),

@@ -335,11 +335,11 @@ def test_long_flaws_swap_two_neighbours_in_long_lists_and_compare_end_to_end(tmp
     assert all(t.judgment is None for t in judged)
     assert any("\n\n### Judgment:\nThe" in t.instruction for t in judged)
     rows = long_flaws.main([f"--out_dir={tmp_path}", "--base_iters=2", "--base_size=40",
-                            "--shares=0.5", "--size=16", "--max_iters=1", "--seeds=2",
+                            "--shares=0.5", "--size=16", "--iters=1", "--seeds=2",
                             "--n_eval=4", "--methods=cut,sft", "--lrs=1e-4"])
     assert [(r["method"], r["share"]) for r in rows] == [("cut", 0.5), ("sft", 0.5)]
     for r in rows:
-        runs = [tmp_path / f"0.5-{r['method']}-lr{r['lr']:g}-s{s}" for s in (1, 2)]
+        runs = [tmp_path / f"0.5-{r['method']}-lr{r['lr']:g}-it1-s{s}" for s in (1, 2)]
         accs = [json.loads((run / "long_eval_test.json").read_text())["ok"] for run in runs]
         assert r["test"] == pytest.approx(sum(accs) / 2)
     assert "| 0.5 | `cut` |" in (tmp_path / "long_flaws.md").read_text()
