@@ -210,12 +210,14 @@ def svg(points):
                 continue
             pts = " ".join(f"{px(s):.1f},{py(g):.1f}" for s, g in line)
             color = COLORS.get(method, "#111111")
+            y = 40 + 14 * k
             parts += [f'<polyline points="{pts}" fill="none" stroke="{color}" '
                       f'stroke-width="2" stroke-dasharray="{dash}"/>',
-                      f'<text x="360" y="{40 + 14 * k}" fill="{color}">{method}, {setting}, '
-                      f'{-size}</text>']
+                      f'<line x1="360" x2="380" y1="{y - 4}" y2="{y - 4}" stroke="{color}" '
+                      f'stroke-width="2" stroke-dasharray="{dash}"/>',
+                      f'<text x="385" y="{y}" fill="{color}">{method}, {setting}, {-size}</text>']
             k += 1
-    return ('<svg xmlns="http://www.w3.org/2000/svg" width="500" height="255" '
+    return ('<svg xmlns="http://www.w3.org/2000/svg" width="520" height="255" '
             'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" '
             f'fill="white"/>{"".join(parts)}</svg>\n')
 
