@@ -30,6 +30,7 @@ import torch
 
 import eval as ev
 from data import JUDGMENT_HEADER, Triple
+from scripts import online_compare
 from support.settings import configure, run_program
 from tasks import letters
 
@@ -132,20 +133,16 @@ def main(argv):
     methods = c.methods.split(",")
     rows = []
     for share in map(float, c.shares.split(",")):
-        data = {}
-        for seed in range(1, c.seeds + 1):
-            triples = make_triples(c.size, seed, "train", share)
-            data[seed] = write(triples, root / f"data-{share:g}-s{seed}.jsonl")
-        flawed = [t for t in make_triples(c.size, 1, "train", share) if t.judgment]
-        u = detection(c, base, flawed)
+        triples = {s: make_triples(c.size, s, "train", share) for s in range(1, c.seeds + 1)}
+        data = {s: write(ts, root / f"data-{share:g}-s{s}.jsonl") for s, ts in triples.items()}
+        u = detection(c, base, [t for t in triples[1] if t.judgment])
+        flawed = sum(t.judgment is not None for t in triples[1])
 
         def run(method, lr, iters, seed, split):
-            name = f"{share:g}-{method}-lr{lr:g}"
-            if iters != 150:  # the first runs' name, before iterations had a grid
-                name += f"-it{iters}"
-            out = train(c, root / f"{name}-s{seed}", f"--init_from={base}",
-                        f"--data={data[seed]}", f"--loss={method}", f"--learning_rate={lr}",
-                        f"--max_iters={iters}", f"--seed={seed}")
+            name = online_compare.run_name(f"{share:g}-{method}", lr, iters, seed)
+            out = train(c, root / name, f"--init_from={base}", f"--data={data[seed]}",
+                        f"--loss={method}", f"--learning_rate={lr}", f"--max_iters={iters}",
+                        f"--seed={seed}")
             return evaluate(c, out, split)
         grid = []
         for m in methods:
@@ -153,10 +150,7 @@ def main(argv):
                 grid += [(m, float(lr), int(n)) for n in c.iters.split(",")]
         with ThreadPoolExecutor(c.jobs) as pool:
             val = list(pool.map(lambda g: run(*g, 1, "val")["ok"], grid))
-        chosen = {}  # ties: the grid's order (smaller rate, fewer iterations first)
-        for (m, lr, iters), acc in zip(grid, val):
-            if m not in chosen or acc > chosen[m][2]:
-                chosen[m] = (lr, iters, acc)
+        chosen = online_compare.choose(grid, val)
         runs = [(m, *chosen[m][:2], s) for m in methods for s in range(1, c.seeds + 1)]
         with ThreadPoolExecutor(c.jobs) as pool:
             test = list(pool.map(lambda r: run(*r, "test"), runs))
@@ -165,15 +159,16 @@ def main(argv):
             rows.append(dict(share=share, method=m, lr=chosen[m][0], iters=chosen[m][1],
                              val=chosen[m][2],
                              test=statistics.mean(accs), test_min=min(accs), test_max=max(accs),
-                             gain=statistics.mean(accs) - start["test"], flawed=len(flawed),
+                             gain=statistics.mean(accs) - start["test"], flawed=flawed,
                              U_precision=u["U_precision"], U_recall=u["U_recall"]))
     lines = [f"base: {c.base_iters} steps, sampled accuracy {start['test']:.3f} on test lists",
              "", "| flawed share | method | lr, iters (val accuracy) | test accuracy (min-max) | "
              "gain | U precision | U recall |", "|" + " --- |" * 7]
     for r in rows:
         lines.append(f"| {r['share']:g} | `{r['method']}` | {r['lr']:g}, {r['iters']} "
-                     f"({r['val']:.3f}) | {r['test']:.3f} ({r['test_min']:.3f}-{r['test_max']:.3f}) | "
-                     f"{r['gain']:+.3f} | {r['U_precision'] or 0:.3f} | {r['U_recall']:.3f} |")
+                     f"({r['val']:.3f}) | {r['test']:.3f} "
+                     f"({r['test_min']:.3f}-{r['test_max']:.3f}) | {r['gain']:+.3f} | "
+                     f"{r['U_precision'] or 0:.3f} | {r['U_recall']:.3f} |")
     md = "\n".join(lines) + "\n"
     (root / "long_flaws.json").write_text(json.dumps(dict(config=asdict(c), base=start, rows=rows),
                                                      indent=1))

@@ -7,8 +7,8 @@ For each method: 3 rounds of scripts.online from the same base at each learning 
 and each number of iterations a round (seed 1, judged on the validation instructions); the pair
 whose last round is most accurate is chosen (ties: the smaller rate, then fewer iterations); then
 `seeds` runs at it are judged on the test instructions (seed 1's run is the grid's, evaluated
-again). Every method has the same judge calls per round. Each
-finished round is reused when the command runs again.
+again). Every method has the same judge calls per round. Each finished round is reused when the
+command runs again.
 This is an experiment driver: it runs scripts.online, which runs train.py and eval.py.
 """
 import json
@@ -49,6 +49,16 @@ def run_name(method, lr, iters, seed):
     return f"{name}-s{seed}"
 
 
+def choose(grid, scores):
+    """{method: (lr, iters, score)}: each method's best point of the grid of (method, lr, iters);
+    ties go to the grid's order (the smaller rate, then the fewer iterations)."""
+    chosen = {}
+    for (m, lr, iters), score in zip(grid, scores):
+        if m not in chosen or score > chosen[m][2]:
+            chosen[m] = (lr, iters, score)
+    return chosen
+
+
 def online(c, method, lr, iters, seed, split):
     """One scripts.online run (resumed if it ran before): its summary."""
     out = Path(c.out_dir) / run_name(method, lr, iters, seed)
@@ -71,12 +81,8 @@ def compare(c):
         for lr in rates.split(","):
             grid += [(m, float(lr), int(n)) for n in c.iters.split(",")]
     with ThreadPoolExecutor(c.jobs) as pool:
-        val = dict(zip(grid, pool.map(lambda g: online(c, *g, 1, "val"), grid)))
-    chosen = {}  # ties: the smaller rate, then the fewer iterations (the grid's order)
-    for (m, lr, iters), summary in val.items():
-        last = summary["rounds"][-1]["accuracy"]
-        if m not in chosen or last > chosen[m][2]:
-            chosen[m] = (lr, iters, last)
+        val = list(pool.map(lambda g: online(c, *g, 1, "val"), grid))
+    chosen = choose(grid, [summary["rounds"][-1]["accuracy"] for summary in val])
     runs = [(m, *chosen[m][:2], s) for m in methods for s in range(1, c.seeds + 1)]
     with ThreadPoolExecutor(c.jobs) as pool:
         test = list(pool.map(lambda r: online(c, *r, "test"), runs))
@@ -95,8 +101,8 @@ def compare(c):
 
 
 def markdown(rows):
-    lines = ["| method | lr, iterations (val) | test accuracy, rounds 0..R: mean (min-max over seeds) | swap |",
-             "| --- | --- | --- | --- |"]
+    lines = ["| method | lr, iterations (val) | test accuracy, rounds 0..R: mean (min-max over "
+             "seeds) | swap |", "| --- | --- | --- | --- |"]
     for r in rows:
         acc = " / ".join(f"{m:.3f} ({lo:.2f}-{hi:.2f})"
                          for m, lo, hi in zip(r["test"], r["test_min"], r["test_max"]))

@@ -1,6 +1,7 @@
 """scripts/online.py: the file judge's round trip (written, read back, mismatched records refused)
 and one round of each kind of method end to end on a tiny base, resumed without redoing a step;
-the crossing's drivers (injected flaws, U on a round's own flaws, long lists with one local flaw)."""
+the crossing's drivers (injected flaws, U on a round's own flaws, long lists with one local
+flaw)."""
 import json
 import zlib
 from pathlib import Path
@@ -129,8 +130,8 @@ def test_online_compare_chooses_each_method_rate_on_validation(monkeypatch, tmp_
     assert sorted(k for k in calls if k[4] == "test") == \
         [("cut", 1e-4, 20, s, "test") for s in (1, 2, 3)] + \
         [("dpo", 1e-6, 150, s, "test") for s in (1, 2, 3)]
-    assert "| `cut` | 0.0001, 20 (0.700) | 0.300 (0.30-0.30) / 0.200 (0.10-0.30) | 0.000 / 0.100 |" \
-        in online_compare.markdown(rows)
+    row = "| `cut` | 0.0001, 20 (0.700) | 0.300 (0.30-0.30) / 0.200 (0.10-0.30) | 0.000 / 0.100 |"
+    assert row in online_compare.markdown(rows)
     assert online_compare.svg(rows).count("<polyline") == 2
 
 
