@@ -1,27 +1,14 @@
 """CUT's loss (arXiv 2312.14591, Eqs. 5-8; docs/cut.md): response log-probs -> L_CUT = L1 + L2.
 
 Pure torch: no model, no tokenizer. Shapes: R sequences (rows) of a batch, T positions, B triples,
-N response tokens per row, left-aligned (column t = t-th token of y, EOS included), and a float
-`mask` that is 1 on the real tokens of y and 0 on padding. N_b = mask[b].sum() is the paper's N.
+N response tokens per row, left-aligned (column t = t-th token of y, EOS included), as
+model(idx, positions, targets) gives them, and a float `mask` that is 1 on the real tokens of y and
+0 on padding. N_b = mask[b].sum() is the paper's N.
 """
 import torch
 import torch.nn.functional as F
 
 MIN_1M_P = 1e-5  # floor on 1 - p_x inside log(1 - p_x): finite loss and gradient as p_x -> 1
-
-
-def response_logprobs(token_logp, targets, ignore_index=-100):
-    """token_logp (n,) of the trained positions in row-major order, as model(idx, targets) gives
-    it, left-aligned per row: (logp (R, N), mask (R, N) float). targets (R, T): ignore_index off
-    the trained span (y + EOS)."""
-    trained = targets != ignore_index
-    rows, pos = trained.nonzero(as_tuple=True)
-    lengths = trained.sum(1)
-    slot = trained.cumsum(1)[rows, pos] - 1  # 0 at the first trained position of each row
-    N = int(lengths.max()) if len(targets) else 0
-    logp = token_logp.new_zeros(len(targets), N).index_put((rows, slot), token_logp)
-    mask = (torch.arange(N, device=targets.device) < lengths[:, None]).float()
-    return logp, mask
 
 
 def mle_loss(logp, mask):
@@ -61,7 +48,8 @@ def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
     loss = -log sigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))
     """
     margin = beta * ((logp_w - ref_w) - (logp_l - ref_l))
-    stats = {'frac_unlikely': 0.0, 'reward_accuracy': (margin > 0).float().mean().detach()}
+    accuracy = (margin > 0).float().mean().detach()
+    stats = {'frac_unlikely': margin.new_zeros(()), 'reward_accuracy': accuracy}
     return -F.logsigmoid(margin).mean(), stats
 
 
@@ -69,7 +57,7 @@ def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, ref_
                beta=0.1):
     """The loss of `mode` (CUT or a baseline of the paper) on the rows of one batch: (loss, stats).
 
-    logp, mask (R, N) from response_logprobs. For 'cut', triple b has its x -> y row x_rows[b] and
+    logp, mask (R, N) as in the docstring at the top. For 'cut', triple b has its x -> y row x_rows[b] and
     its [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For
     'forward', x_rows[b] is x -> y and j_rows[b] is [x, y] -> j. For 'dpo' and 'ilf_dpo', x_rows[b]
     is the preferred response and j_rows[b] the other, and ref_logp (R, N) the reference model's
@@ -89,4 +77,4 @@ def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, ref_
     else:
         raise ValueError(f"unknown loss mode {mode!r}; expected cut, sft, sft_all, hindsight, "
                          "forward, ilf_mle, ilf_dpo or dpo")
-    return loss, {'frac_unlikely': 0.0}
+    return loss, {'frac_unlikely': loss.new_zeros(())}  # a tensor: no copy to the device

@@ -151,29 +151,24 @@ def encode_triples(tok: Tokenizer, triples: list[Triple], mode: str, max_len: in
 @dataclass
 class Batch:
     idx: torch.Tensor  # (R, T) input ids, right-padded
-    targets: torch.Tensor  # (R, T) next ids on the trained span, -100 elsewhere
+    positions: torch.Tensor  # (R, N) the position of idx that predicts each trained token
+    targets: torch.Tensor  # (R, N) the trained ids y (+ EOS), left-aligned, -100 on padding
     x_rows: torch.Tensor  # (B,) row of each triple's x -> y sequence
     j_rows: torch.Tensor  # (B,) row of each triple's judgment sequence (== x_rows where none)
     is_neg: torch.Tensor  # (B,) bool: the triple is flawed
+    n_tokens: int  # the real tokens of idx, counted here: no device sync to count them
 
     def to(self, device) -> "Batch":
-        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
-
-
-def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int):
-    """idx = (prompt + trained)[:-1] and its shifted targets, right-padded into (R, T) tensors."""
-    T = max(len(p) + len(t) for p, t in rows) - 1
-    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), -100, dtype=torch.long)
-    for r, (p, t) in enumerate(rows):
-        seq = p + t
-        idx[r, :len(seq) - 1] = torch.tensor(seq[:-1])
-        targets[r, len(p) - 1:len(seq) - 1] = torch.tensor(t)
-    return idx, targets
+        # pinned host memory: the copy runs beside the GPU's work instead of waiting for it
+        pin = torch.device(device).type == "cuda"
+        moved = {k: v.pin_memory() if pin else v for k, v in vars(self).items() if k != "n_tokens"}
+        moved = {k: v.to(device, non_blocking=True) for k, v in moved.items()}
+        return Batch(**moved, n_tokens=self.n_tokens)
 
 
 def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
-    """Every triple's rows in one padded tensor; x_rows / j_rows point each triple at its rows."""
+    """Every triple's rows in one right-padded tensor, idx = (prompt + trained)[:-1]; where each
+    trained token sits, known here on the CPU, so that the model needs no boolean indexing."""
     if not encoded:
         raise ValueError("collate needs at least one encoded triple")
     rows, x_rows, j_rows = [], [], []
@@ -181,5 +176,17 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         x_rows.append(len(rows))
         j_rows.append(len(rows) + len(e.rows) - 1)
         rows += e.rows
+    T = max(len(p) + len(t) for p, t in rows) - 1
+    N = max(len(t) for _, t in rows)
+    idx = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(rows), N, dtype=torch.long)
+    targets = torch.full((len(rows), N), -100, dtype=torch.long)
+    for r, (p, t) in enumerate(rows):
+        seq = p + t
+        idx[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+        positions[r, :len(t)] = torch.arange(len(p) - 1, len(seq) - 1)
+        targets[r, :len(t)] = torch.tensor(t)
     is_neg = torch.tensor([e.is_neg for e in encoded])
-    return Batch(*_pad(rows, pad_id), torch.tensor(x_rows), torch.tensor(j_rows), is_neg)
+    n_tokens = sum(len(p) + len(t) - 1 for p, t in rows)
+    return Batch(idx, positions, targets, torch.tensor(x_rows), torch.tensor(j_rows), is_neg,
+                 n_tokens)

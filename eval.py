@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from tqdm import tqdm
 
-from cut_loss import cut_loss, response_logprobs
+from cut_loss import cut_loss
 from data import collate, encode_triples, load_checkpoint, prompt_ids, split_triples, use_chat
 from model import left_pad
 from support.settings import configure, run_program
@@ -51,7 +51,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     val_frac: float = 0.05
     batch_size: int = 32          # prompts or triples per forward; lower it for long texts
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # logits in fp32 anyway
 
 
 def load(path, c):
@@ -90,7 +90,8 @@ def score(model, tok, chat, triples, c, max_len):
     for k in tqdm(range(0, len(kept), c.batch_size), desc="score", dynamic_ncols=True):
         rows = kept[k:k + c.batch_size]
         b = collate([enc[i][0] for i in rows], tok.eos_id).to(c.device)
-        logp, mask = response_logprobs(model(b.idx, targets=b.targets), b.targets)
+        logp = model(b.idx, b.positions, b.targets)
+        mask = (b.targets != -100).float()
         logp_x = logp[b.x_rows].cpu()
         logp_j = logp[b.j_rows].cpu()
         _, stats = cut_loss(logp_x, logp_j, b.is_neg.cpu(), mask[b.x_rows].cpu(), c.lam)

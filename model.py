@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from support.checkpoint import check_tensors, read_checkpoint, write_checkpoint
 
 LOGIT_CHUNK = 1024  # trained positions per lm_head + log-softmax block: (1024, vocab) fp32
+IGNORE = -100  # a target that is not trained: padding (cross_entropy's ignore_index)
 
 
 @dataclass
@@ -110,6 +111,19 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class LMHead(nn.Linear):
+    """The output projection, in fp32 under autocast: bf16 logits would carry errors of ~6% into
+    p_x and p_n, right where CUT's token detection compares them."""
+
+    def forward(self, h, targets=None):
+        """h (n, dim) -> fp32 logits (n, vocab); with targets (n,): log p(target), 0 at IGNORE."""
+        with torch.autocast(h.device.type, enabled=False):
+            logits = F.linear(h.float(), self.weight.float())
+        if targets is None:
+            return logits
+        return -F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -142,7 +156,7 @@ class Transformer(nn.Module):
         layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.model = nn.ModuleDict(dict(embed_tokens=embed, layers=layers, norm=norm))
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
@@ -156,22 +170,27 @@ class Transformer(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) token ids -> logits (B, T, vocab). targets (B, T), -100 off the trained
-        positions: log p(target) (n,) at the trained positions instead, in row-major order, the
-        lm_head and log-softmax LOGIT_CHUNK positions at a time, each block recomputed in backward:
-        the (n, vocab) fp32 logits never exist at once."""
+    def forward(self, idx, positions=None, targets=None):
+        """idx (B, T) token ids -> fp32 logits (B, T, vocab). With positions and targets (B, N):
+        log p(targets[b, n]) predicted at position positions[b, n] of row b, (B, N), 0 where a
+        target is IGNORE. Only those positions reach the lm_head, LOGIT_CHUNK at a time, each block
+        recomputed in backward: the (B * N, vocab) fp32 logits never exist at once."""
         h = self.hidden(idx)
         if targets is None:
             return self.lm_head(self.model.norm(h))
-        trained = targets != -100
-        h = self.model.norm(h[trained])  # prompt and padding positions never reach the lm_head
-        blocks = zip(h.split(LOGIT_CHUNK), targets[trained].split(LOGIT_CHUNK))
-        logps = [checkpoint(self._token_logp, h, t, use_reentrant=False) for h, t in blocks]
-        return torch.cat(logps)
+        rows = torch.arange(len(idx), device=idx.device)[:, None]
+        h = self.model.norm(h[rows, positions]).flatten(0, 1)  # integer indices: no device sync
+        blocks = zip(h.split(LOGIT_CHUNK), targets.flatten().split(LOGIT_CHUNK))
+        logps = [checkpoint(self.lm_head, h, t, use_reentrant=False) for h, t in blocks]
+        return torch.cat(logps).view(targets.shape)
 
-    def _token_logp(self, h, targets):
-        return -F.cross_entropy(self.lm_head(h).float(), targets, reduction="none")
+    def compile_pieces(self):
+        """torch.compile each block (one graph serves every layer) and the lm_head; the loops over
+        them stay eager, so no length or chunk count makes a new graph. Each compiles twice: for
+        the first shapes, then once for any shape (dynamic) when they first change."""
+        for layer in self.model.layers:
+            layer.compile()
+        self.lm_head.compile()
 
     def hidden(self, idx, start_pos=0, pad=None):
         """The last block's output (B, T, dim), before the final norm. start_pos: the cache
@@ -217,7 +236,7 @@ class Transformer(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_ids=None,
                  on_token=None, pad=None):
         """Continue idx (B, T), left-padded by pad (B,) tokens (left_pad), by up to max_new_tokens;
-        a row stops at any stop id, its later columns repeat it, and it leaves the batch and cache.
+        a row stops at any stop id and its later columns repeat it.
         temperature=0 is greedy. on_token(ids) gets each new (B,) column, for streaming."""
         B, T = idx.shape
         max_len = min(T + max_new_tokens, self.cfg.max_seq_len)
@@ -231,28 +250,22 @@ class Transformer(nn.Module):
             layer.self_attn.cache = (weight.new_zeros(shape), weight.new_zeros(shape))
         stop = torch.tensor(stop_ids or [], dtype=torch.long, device=idx.device)
         out = torch.cat([idx, idx.new_zeros(B, max_len - T)], dim=1)
-        rows = torch.arange(B, device=idx.device)  # the rows still generating
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         x = idx
         start_pos = 0  # the cache position of x[:, 0]; the last token sampled: out[:, start_pos]
         try:
-            while start_pos + x.shape[1] < max_len and len(rows):
+            while start_pos + x.shape[1] < max_len:
                 h = self.hidden(x, start_pos, pad)[:, -1]  # the lm_head only where we sample
-                logits = self.lm_head(self.model.norm(h)).float()
+                nxt = sample_next(self.lm_head(self.model.norm(h)), temperature, top_k, top_p)
                 start_pos += x.shape[1]
-                nxt = sample_next(logits, temperature, top_k, top_p)
-                out[rows, start_pos] = nxt
-                done = torch.isin(nxt, stop)
-                out[rows[done], start_pos + 1:] = nxt[done, None]
+                # a finished row stays in the batch (no cache copies) and repeats its stop id
+                nxt = torch.where(done, out[:, start_pos - 1], nxt)
+                out[:, start_pos] = nxt
+                done |= torch.isin(nxt, stop)
                 if on_token:
-                    on_token(out[:, start_pos])
-                if done.any():  # drop the finished rows from the batch and its cache
-                    keep = ~done
-                    rows = rows[keep]
-                    nxt = nxt[keep]
-                    pad = None if pad is None else pad[keep]
-                    for layer in self.model.layers:
-                        cache_k, cache_v = layer.self_attn.cache
-                        layer.self_attn.cache = (cache_k[keep], cache_v[keep])
+                    on_token(nxt)
+                if done.all():  # the one device sync of a token
+                    break
                 x = nxt[:, None]
         finally:
             for layer in self.model.layers:
@@ -302,7 +315,9 @@ def sample_next(logits, temperature, top_k, top_p):
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the least prefix with mass >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+    # a draw by exponential races (gpt-fast's): exact as multinomial, without its device sync
+    races = torch.empty_like(logits).exponential_(1).clamp(min=1e-30)  # a 0 would pick p = 0
+    return (logits.softmax(-1) / races).argmax(-1)
 
 
 def left_pad(prompts, device=None):
@@ -362,9 +377,12 @@ def lora_disabled(model):
 
 
 def merged_state_dict(model):
-    """The model's state dict with every LoRA update folded into its weight: W + scale * B @ A."""
+    """The model's state dict with every LoRA update folded into its weight: W + scale * B @ A,
+    one tensor at a time on the CPU (no GPU memory), in fp32, then in the base's dtype."""
     sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
-            sd[f"{name}.weight"] = (m.weight + m.scale * m.lora_B @ m.lora_A).detach()
+            update = m.lora_B.detach().cpu().float() @ m.lora_A.detach().cpu().float()
+            merged = m.weight.detach().cpu().float() + m.scale * update
+            sd[f"{name}.weight"] = merged.to(m.weight.dtype)
     return sd

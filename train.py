@@ -17,6 +17,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,11 +31,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from cut_loss import batch_loss, response_logprobs
+from cut_loss import batch_loss
 from data import (LOSS_MODES, PAIRED, collate, encode_triples, load_checkpoint, split_triples,
                   use_chat)
-from model import ModelConfig, Transformer, add_lora, lora_disabled
+from model import ModelConfig, Transformer, add_lora, lora_disabled, rope_frequencies
 from support.runs import LOCKS, RUN_FILES, base_stamp, finite, open_run, report, save_checkpoint
+from support.checkpoint import read_checkpoint
 from support.settings import configure, run_program
 from support.tokenizer import Tokenizer
 from support.triple_files import data_hash, load_triples
@@ -53,7 +55,7 @@ class Config:  # every key can be set by --key=value or a JSON config file
     beta: float = 0.1             # dpo, ilf_dpo: the strength of the pull towards the reference
     chat: str = "auto"            # prompt format: 'auto' (chat format if instruct), 'yes', 'no'
     max_iters: int = 600          # lr, lam: the best of compare.py's validation within 600 steps
-    batch_size: int = 16          # triples per micro-step
+    batch_size: int = 16          # triples per micro-step, on average (balanced by tokens)
     gradient_accumulation_steps: int = 1  # micro-steps per iteration, over all processes together
     learning_rate: float = 3e-4
     warmup_iters: int = 10
@@ -64,7 +66,8 @@ class Config:  # every key can be set by --key=value or a JSON config file
     lora_rank: int = 0            # 0 = full fine-tune
     lora_alpha: float = 16.0
     lora_targets: str = "gate_proj,up_proj,down_proj"  # the authors' choice
-    dtype: str = "float32"        # 'float32', 'bfloat16' (autocast), 'float16' (+ GradScaler)
+    # 'float32', 'bfloat16' (autocast, fp32 master weights), 'float16' (+ GradScaler)
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"
     compile: bool = False
     fsdp: bool = False            # torchrun: shard weights, gradients and AdamW state (FSDP2)
     grad_ckpt: bool = False       # keep each block's input only, recompute the rest in backward
@@ -87,6 +90,8 @@ class Config:  # every key can be set by --key=value or a JSON config file
 
 
 CHOICES = {"loss": LOSS_MODES, "task": ("mixed", "new")}
+GRACE_S = 5  # seconds in which a second Ctrl-C or SIGTERM is the first one again
+SAVE_TIMEOUT = timedelta(minutes=60)  # how long a process waits for another in a collective
 
 
 def base_config(cfg):
@@ -120,27 +125,32 @@ def micro_batches(encoded, it, cfg, rank, world):
         offset = start + len(chosen) - epoch * len(encoded)
         chosen += perm[offset:offset + per_iter - len(chosen)]
         epoch += 1
-    # group similar lengths into the same micro-batch: less padding, same triples per iteration
-    chosen.sort(key=lambda i: max(len(p) + len(t) for p, t in encoded[i].rows))
-    size = cfg.batch_size
-    steps = [chosen[m * size:(m + 1) * size] for m in range(cfg.gradient_accumulation_steps)]
-    return [[encoded[i] for i in step] for step in steps[rank::world]]
+    # balance the micro-steps by padded tokens (rows x longest row): the longest triples first,
+    # each into the micro-step it grows least. Counts differ; train_step weighs each by its count
+    length = lambda e: max(len(p) + len(t) for p, t in e.rows)
+    chosen.sort(key=lambda i: length(encoded[i]), reverse=True)
+    steps = [[] for _ in range(cfg.gradient_accumulation_steps)]
+    padded = lambda step, e: (sum(len(s.rows) for s in step) + len(e.rows)) * length(step[0] if step else e)
+    for i in chosen:
+        best = min(steps, key=lambda step: padded(step, encoded[i]))
+        best.append(encoded[i])
+    return steps[rank::world]  # the same micro-steps for any number of processes
 
 
 def forward_loss(model, encoded, cfg, pad_id, dev, autocast, ref=None):
     """One batched forward of every sequence of these triples: (loss, stats, tokens processed).
-    ref: DPO's reference model, a function of (idx, targets) like the model."""
+    ref: DPO's reference model, a function of (idx, positions, targets) like the model."""
     batch = collate(encoded, pad_id).to(dev)
+    mask = (batch.targets != -100).float()
     with autocast:
-        logp, mask = response_logprobs(model(batch.idx, targets=batch.targets), batch.targets)
+        logp = model(batch.idx, batch.positions, batch.targets)
         ref_logp = None
         if ref is not None:
             with torch.no_grad():
-                ref_out = ref(batch.idx, targets=batch.targets)
-                ref_logp, _ = response_logprobs(ref_out, batch.targets)
+                ref_logp = ref(batch.idx, batch.positions, batch.targets)
         loss, stats = batch_loss(cfg.loss, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
                                  cfg.lam, cfg.alpha, cfg.gamma, ref_logp, cfg.beta)
-    return loss, stats, int((batch.idx != pad_id).sum())
+    return loss, stats, batch.n_tokens
 
 
 def load_data(cfg, tok, chat, master):
@@ -178,32 +188,47 @@ def check_settings(cfg, ddp, world):
         raise FileNotFoundError(f"data {cfg.data}: no such triples file")
 
 
-def build_model(cfg, state, dev):
-    """(model, tokenizer): from scratch, or a checkpoint; sharded by FSDP if asked. A resumed full
-    fine-tune goes on from its own checkpoint, LoRA from its base (its adapters come back later)."""
-    if cfg.init_from == "scratch" and not state:
+def build_model(cfg, state, dev, master):
+    """(model, tokenizer): from scratch, or a checkpoint. A resumed full fine-tune goes on from its
+    own checkpoint, LoRA from its base (its adapters come back later). FSDP: every process builds
+    the model on the meta device and shards it; rank 0 alone reads the weights and sends them."""
+    src = cfg.out_dir if state and not cfg.lora_rank else cfg.init_from
+    if src == "scratch":
         tok = Tokenizer.byte_level()
         model_cfg = ModelConfig(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                                 n_kv_heads=cfg.n_heads, vocab_size=tok.n_vocab,
                                 hidden_dim=3 * cfg.dim, max_seq_len=cfg.max_len + 1)
-        model = Transformer(model_cfg).to(dev)
-    else:
-        src = cfg.out_dir if state and not cfg.lora_rank else cfg.init_from
+        model = Transformer(model_cfg)  # seeded: the same in every process
+    elif master or not cfg.fsdp:
         # LoRA's frozen base in the training dtype; a full fine-tune keeps fp32 master weights
         dtype = getattr(torch, cfg.dtype) if cfg.lora_rank else torch.float32
-        model, tok = load_checkpoint(src, dtype=dtype, device=dev)
-    if cfg.max_len > model.cfg.max_seq_len:
+        model, tok = load_checkpoint(src, dtype=dtype, device="cpu" if cfg.fsdp else dev)
+        model_cfg = model.cfg
+    else:  # the shapes only: no weights read
+        model_cfg = ModelConfig(**read_checkpoint(src)[0])
+        tok = Tokenizer.from_pretrained(src)
+    if cfg.max_len > model_cfg.max_seq_len:
         raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_seq_len "
-                         f"{model.cfg.max_seq_len}")
-    model.grad_ckpt = cfg.grad_ckpt
-    if cfg.fsdp:  # a shard group per block, the root for the rest; gradients reduced in fp32
-        # cast_forward_inputs=False: RoPE's cos and sin stay fp32, as under autocast
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32,
-                                  cast_forward_inputs=False)
-        for block in model.model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    return model, tok
+                         f"{model_cfg.max_seq_len}")
+    if not cfg.fsdp:
+        model.grad_ckpt = cfg.grad_ckpt
+        return model.to(dev), tok
+    with torch.device("meta"):
+        sharded = Transformer(model_cfg)
+    sharded.grad_ckpt = cfg.grad_ckpt
+    # a shard group per block, the root for the rest; gradients reduced in fp32;
+    # cast_forward_inputs=False: RoPE's cos and sin stay fp32, as under autocast
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32,
+                              cast_forward_inputs=False)
+    for block in sharded.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(sharded, mp_policy=mp)
+    sharded.to_empty(device=dev)
+    sharded.inv_freq = rope_frequencies(model_cfg).to(dev)  # a buffer to_empty left unset
+    full = model.state_dict() if master else {}
+    options = dist_sd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    dist_sd.set_model_state_dict(sharded, full, options=options)
+    return sharded, tok
 
 
 def trainable_params(model, cfg, state):
@@ -227,9 +252,9 @@ def reference_model(cfg, raw, dev):
     if cfg.loss not in PAIRED:
         return None
     if cfg.lora_rank:
-        def adapters_off(idx, targets):
+        def adapters_off(idx, positions, targets):
             with lora_disabled(raw):
-                return raw(idx, targets=targets)
+                return raw(idx, positions, targets)
         return adapters_off
     ref, _ = load_checkpoint(cfg.init_from, dtype=torch.float32, device=dev)
     return ref.eval().requires_grad_(False)
@@ -254,7 +279,7 @@ def build_optimizer(model, params, cfg, state, dev):
 
 def set_up(cfg):
     """Check the settings and out_dir, then build what the loop needs: run.model is what it calls
-    (compiled and/or in DDP), run.raw the module itself, for evaluation and checkpoints."""
+    (in DDP), run.raw the module itself, for evaluation and checkpoints."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank = dist.get_rank() if ddp else 0
     world = dist.get_world_size() if ddp else 1
@@ -264,7 +289,7 @@ def set_up(cfg):
     check_settings(cfg, ddp, world)
     torch.manual_seed(cfg.seed)
     state = open_run(cfg, rank == 0)
-    model, tok = build_model(cfg, state, dev)
+    model, tok = build_model(cfg, state, dev, rank == 0)
     chat = use_chat(tok, cfg.chat)  # recorded in the run's tokenizer_config.json: 'auto' follows it
     config = json.loads(tok.files.get("tokenizer_config.json", b"{}"))
     tok.files["tokenizer_config.json"] = json.dumps(dict(config, cut_chat=chat)).encode()
@@ -273,7 +298,7 @@ def set_up(cfg):
     optimizer, scaler = build_optimizer(model, params, cfg, state, dev)
     raw = model
     if cfg.compile:
-        model = torch.compile(model)
+        raw.compile_pieces()
     if ddp and not cfg.fsdp:  # gradients as views of DDP's buckets: no second copy of them
         device_ids = [dev] if torch.device(dev).type == "cuda" else None
         model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
@@ -289,20 +314,25 @@ def set_up(cfg):
 
 def train_step(run, it, cfg):
     """One iteration: forward and backward of this process's micro-batches, then one AdamW step.
-    Returns (summed loss, summed frac_unlikely, tokens processed)."""
+    Returns (loss, frac_unlikely) of this process's share of the iteration, and tokens processed."""
     for g in run.optimizer.param_groups:
         g["lr"] = lr_at(it, cfg)
-    steps_here = cfg.gradient_accumulation_steps // run.world
+    steps = micro_batches(run.train_e, it, cfg, run.rank, run.world)
+    # each micro-step's mean loss weighs as its share of the iteration's triples: the loss and
+    # gradient are the mean over all triples however the micro-steps are sized; DDP averages ranks
+    per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
     sums = torch.zeros(2, device=run.dev)
     tokens = 0
-    for m, encoded in enumerate(micro_batches(run.train_e, it, cfg, run.rank, run.world)):
-        if isinstance(run.model, DDP):  # synchronise gradients on the last micro-step only
-            run.model.require_backward_grad_sync = m == steps_here - 1
+    for m, encoded in enumerate(steps):
+        # DDP synchronises gradients on the last micro-step only; FSDP reduce-scatters each one, as
+        # torchtitan does: skipping would hold every layer's unsharded gradient (16 GB at 8B)
+        if isinstance(run.model, DDP):
+            run.model.require_backward_grad_sync = m == len(steps) - 1
         loss, stats, n = forward_loss(run.model, encoded, cfg, run.tok.eos_id, run.dev,
                                       run.autocast, run.ref)
-        run.scaler.scale(loss / steps_here).backward()
-        frac = torch.as_tensor(stats["frac_unlikely"], device=run.dev)
-        sums += torch.stack([loss.detach().float(), frac])
+        share = len(encoded) * run.world / per_iter
+        run.scaler.scale(loss * share).backward()
+        sums += torch.stack([loss.detach().float(), stats["frac_unlikely"]]) * share
         tokens += n
     run.scaler.unscale_(run.optimizer)
     # the gradient norm (unclipped at grad_clip 0): a non-finite one makes the loss NaN, a stop
@@ -319,7 +349,8 @@ def evaluate(run, cfg):
     """The mean loss of up to 20 batches of the validation triples."""
     run.raw.eval()
     losses = []
-    with torch.no_grad():
+    # eager: compiled pieces would compile again for no_grad
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
         for i in range(0, min(len(run.val_e), 20 * cfg.batch_size), cfg.batch_size):
             batch = run.val_e[i:i + cfg.batch_size]
             loss = forward_loss(run.raw, batch, cfg, run.tok.eos_id, run.dev, run.autocast,
@@ -345,9 +376,16 @@ def train(cfg):
     run = set_up(cfg)
     master = run.rank == 0
     out = Path(cfg.out_dir)
-    # Ctrl-C and SIGTERM (a cluster's preemption) end the iteration, then save and stop; a 2nd kills
+    # Ctrl-C and SIGTERM (a cluster's preemption) end the iteration, then save and stop. A repeat
+    # within GRACE_S is the same stop (torchrun forwards a signal the scheduler also sent each
+    # process); a later one kills
     stop = []
-    on_signal = lambda signum, frame: (stop.append(signum), signal.signal(signum, signal.SIG_DFL))
+
+    def on_signal(signum, frame):
+        if stop and time.time() - stop[0][1] > GRACE_S:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        stop.append((signum, time.time()))
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     if master and cfg.overwrite and not run.start_iter:  # the old run goes once the new can start
         for f in [*RUN_FILES, *out.glob("eval_*.json"), *out.glob("model-*.safetensors")]:
@@ -366,7 +404,7 @@ def train(cfg):
             flags = torch.cat([sums, torch.tensor([float(bool(stop))], device=run.dev)])
             if run.world > 1:  # every rank stops at the same iteration
                 dist.all_reduce(flags)
-            loss, frac = (flags[:2] / cfg.gradient_accumulation_steps).tolist()
+            loss, frac = (flags[:2] / run.world).tolist()
             finite(loss, it, out)
             stopping = flags[2].item() > 0
             last = it == cfg.max_iters - 1
@@ -394,8 +432,10 @@ def train(cfg):
                 state, weights = checkpoint_state(run, cfg, it)
                 if master:
                     save_checkpoint(run.raw, run.tok, state, out, weights)
+                if run.world > 1:  # no process goes on, or reads it, before the save is whole
+                    dist.barrier()
             if stopping:
-                summary["stopped_by"] = signal.Signals(stop[0] if stop else signal.SIGTERM).name
+                summary["stopped_by"] = signal.Signals(stop[0][0] if stop else signal.SIGTERM).name
                 break
     finally:
         bar.close()
@@ -415,7 +455,9 @@ def main(argv):
         if cfg.device.startswith("cuda"):
             gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(gpu)
-        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu)
+        # the others wait while rank 0 writes a checkpoint: minutes for a large model, past
+        # NCCL's 10-minute default, which would end the job
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu, timeout=SAVE_TIMEOUT)
     if cfg.data == "builtin" and (cfg.loss in PAIRED or cfg.loss == "ilf_mle"):
         raise ValueError(f"loss={cfg.loss} needs refinements or preference pairs, and the built-in "
                          "task's data has none: python -m scripts.online --method=... makes them")

@@ -7,6 +7,7 @@ Run from the repository root:
     CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench train --data=train-alpaca-sample-iter1.json
     CUT_SMOLLM2=/path/to/smollm2 python -m scripts.bench generate --data=TRIPLES --threads=2
     python -m scripts.bench memory            python -m scripts.bench gpu [--dry]
+    python -m scripts.bench compile --data=TRIPLES
 
 Not a test. The CPU may be shared, so ours and theirs alternate (who goes first swaps each round),
 each figure is the median of the rounds, and the table also gives the spread of the rounds,
@@ -230,23 +231,26 @@ def bench_model(args):
 # --------------------------------------------------------------- train: a CUT step's cost, tokens/s
 
 def token_logprobs(model, batch, hf):
-    """log p(target) (n,) at the trained positions of a collated batch: ours computes them
+    """log p(target) (R, N) at the trained positions of a collated batch: ours computes them
     LOGIT_CHUNK positions at a time; transformers' model gives the (B, T, V) logits, and only the
     trained positions go through the log-softmax, in float32."""
     if not hf:
-        return model(batch.idx, targets=batch.targets)
+        return model(batch.idx, batch.positions, batch.targets)
     logits = model(batch.idx, use_cache=False).logits
-    trained = batch.targets != -100
-    return -F.cross_entropy(logits[trained].float(), batch.targets[trained], reduction='none')
+    rows = torch.arange(len(batch.idx))[:, None]
+    logp = logits[rows, batch.positions].float().log_softmax(-1)
+    logp = logp.gather(2, batch.targets.clamp(min=0)[..., None])[..., 0]
+    return logp * (batch.targets != -100)
 
 
 def train_step(model, batch, mode, opt, hf=False):
     """One training step of `mode` on a collated batch: forward, loss, backward, AdamW; returns
     seconds. hf: model is transformers' (the peer)."""
-    from cut_loss import batch_loss, response_logprobs
+    from cut_loss import batch_loss
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logp, mask = response_logprobs(token_logprobs(model, batch, hf), batch.targets)
+        logp = token_logprobs(model, batch, hf)
+        mask = (batch.targets != -100).float()
         loss, _ = batch_loss(mode, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
                              1.1, 1.0, 0.0)
     loss.backward()
@@ -270,7 +274,7 @@ def bench_cut_vs_sft(args):
                                           verbose=False), tok.eos_id)
                    for i in range(0, 64, 16)] for m in ("cut", "sft_all")}
     # the pad is eos_id
-    real = {m: sum(int((b.idx != tok.eos_id).sum()) for b in bs) for m, bs in batches.items()}
+    real = {m: sum(b.n_tokens for b in bs) for m, bs in batches.items()}
     padded = {m: sum(b.idx.numel() for b in bs) for m, bs in batches.items()}
     step = lambda m: lambda: sum(train_step(model, b, m, opt) for b in batches[m])
     alternate(step("cut"), step("sft_all"), 1)  # warm-up
@@ -299,7 +303,7 @@ def bench_train_tokens(args, batch_size=4, max_len=256):
                          verbose=False)
     batches = [collate(enc[i:i + batch_size], tok.eos_id)
                for i in range(0, 8 * batch_size, batch_size)]
-    tokens = sum(int((b.idx != tok.eos_id).sum()) for b in batches)
+    tokens = sum(b.n_tokens for b in batches)
     ours_model, hf = load_both(path, torch.float32)
     ours_model.train(), hf.train()
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-6) for m in (ours_model, hf)]
@@ -412,22 +416,24 @@ def step_memory(cfg, mode, rows, seq, trained, gpus=1, ddp=False, grad_ckpt=Fals
 MEMORY_CHILD = r"""
 import json, sys
 import torch
-from cut_loss import batch_loss, response_logprobs
+from cut_loss import batch_loss
 from model import ModelConfig, Transformer, add_lora
 import model
 a = json.loads(sys.argv[1])
 torch.manual_seed(0)
 cfg = ModelConfig(**a["cfg"], max_seq_len=a["seq"])
 idx = torch.randint(0, cfg.vocab_size, (a["rows"], a["seq"]))
-targets = torch.full_like(idx, -100)
-targets[:, -a["trained"] // a["rows"]:] = idx.roll(-1, 1)[:, -a["trained"] // a["rows"]:]
+n = a["trained"] // a["rows"]  # each row's last n positions are trained
+positions = torch.arange(a["seq"] - n, a["seq"]).expand(a["rows"], n)
+targets = idx.roll(-1, 1)[:, -n:]
+mask = torch.ones(a["rows"], n)
 rows = torch.arange(a["rows"])
 def rss(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
                 if line.startswith(key + ":"))
 def step(m, opt):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # train.py with dtype=bfloat16
-        logp, mask = response_logprobs(m(idx, targets=targets), targets)  # as train.forward_loss
+        logp = m(idx, positions, targets)  # as train.forward_loss
         loss, _ = batch_loss("cut", logp, mask, rows[0::2], rows[1::2], rows[0::2] >= 0,
                              1.5, 1.0, 0.0)
     loss.backward()
@@ -634,7 +640,7 @@ def measure_mfu(dev, dry, steps=10):
     """Tokens/s and MFU of a bf16 + torch.compile CUT step (train.py's full fine-tune: fp32 weights,
     bf16 autocast, fused AdamW) of a Llama-3.2-1B-shaped model, at the most rows of 1024 tokens that
     step_memory says fit."""
-    from cut_loss import batch_loss, response_logprobs
+    from cut_loss import batch_loss
     from model import Transformer
     cfg = llama_config(LLAMA_SHAPES["Llama-3.2-1B"],
                        **(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
@@ -647,17 +653,19 @@ def measure_mfu(dev, dry, steps=10):
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    step_model = model if dry else torch.compile(model)
+    if not dry:
+        model.compile_pieces()
     while True:
         idx = torch.randint(0, cfg.vocab_size, (rows, seq), device=dev)
-        targets = torch.full_like(idx, -100)
         # the second half of each row is the response
-        targets[:, seq // 2:] = idx.roll(-1, 1)[:, seq // 2:]
+        positions = torch.arange(seq // 2, seq, device=dev).expand(rows, seq // 2)
+        targets = idx.roll(-1, 1)[:, seq // 2:]
+        mask = torch.ones_like(targets, dtype=torch.float)
         r = torch.arange(rows, device=dev)
 
         def step():
             with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
-                logp, mask = response_logprobs(step_model(idx, targets=targets), targets)
+                logp = model(idx, positions, targets)
                 loss, _ = batch_loss("cut", logp, mask, r[0::2], r[1::2], r[0::2] >= 0,
                                      1.5, 1.0, 0.0)
             loss.backward()
@@ -697,9 +705,106 @@ def measure_mfu(dev, dry, steps=10):
           flush=True)
 
 
+def count_compiles(argv):
+    """train.main(argv + --compile=True) in this process: (graph breaks, recompiles), from dynamo's
+    own logs (TORCH_LOGS=graph_breaks,recompiles), and the run's losses."""
+    import logging
+    import tempfile
+    import train
+    found = {"graph breaks": 0, "recompiles": 0}
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            message = record.getMessage()
+            found["graph breaks"] += message.startswith("Graph break")
+            found["recompiles"] += message.startswith("Recompiling function")
+    torch._logging.set_logs(graph_breaks=True, recompiles=True)
+    loggers = [logging.getLogger(f"torch.__{name}") for name in ("graph_breaks", "recompiles")]
+    for logger in loggers:
+        logger.addHandler(Count())
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            train.main([*argv, "--compile=True", f"--out_dir={tmp}", "--log_interval=1"])
+            losses = [json.loads(line)["loss"] for line in open(Path(tmp, "log.jsonl"))]
+    finally:
+        torch._logging.set_logs()
+        for logger in loggers:
+            logger.handlers.clear()
+    return found["graph breaks"], found["recompiles"], losses
+
+
+def check_compile(dev, data, iters=24):
+    """A compiled training run over variable-length triples, a small model from scratch: no graph
+    break, and at most 2 recompiles (a block and the lm_head, once each, when shapes change)."""
+    argv = [f"--data={data}", "--base_iters=0", f"--max_iters={iters}", "--eval_interval=12",
+            "--batch_size=2", "--max_len=512", "--dim=64", "--n_layers=2", "--n_heads=2",
+            f"--device={dev}", "--lam=1.5"]
+    breaks, recompiles, losses = count_compiles(argv)
+    ok = breaks == 0 and recompiles <= 2 and len(losses) == iters
+    print(f"compile, {iters} iterations of {data} on {dev}: {breaks} graph breaks, {recompiles} "
+          f"recompiles (goal: 0 and <= 2) {'PASS' if ok else 'FAIL'}", flush=True)
+    return ok
+
+
+def bench_compile(args):
+    if not Path(args.data).is_file():
+        sys.exit("bench.py: compile needs --data=FILE, triples of varied lengths (the CUT "
+                 "authors' online iteration 1)")
+    if not check_compile("cuda" if torch.cuda.is_available() else "cpu", args.data):
+        sys.exit("bench.py compile: FAIL")
+
+
+def check_syncs(dev):
+    """train.py's training step on CUDA under torch.cuda's sync debug mode: every operation that
+    makes the host wait for the GPU warns; the goal is none."""
+    import tempfile
+    import warnings
+    import train
+    from support.runs import LOCKS
+    from support.settings import configure
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = configure(train.Config(), ["--task_size=400", "--dim=64", "--n_layers=2",
+                                         "--n_heads=2", "--gradient_accumulation_steps=2",
+                                         f"--device={dev}", f"--out_dir={tmp}"], train.CHOICES)
+        run = train.set_up(cfg)
+        train.train_step(run, 0, cfg)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            train.train_step(run, 1, cfg)
+            torch.cuda.set_sync_debug_mode("default")
+        LOCKS.pop(Path(tmp).resolve()).close()
+    syncs = [str(w.message)[:120] for w in caught if "synchroniz" in str(w.message)]
+    print(f"syncs in a training step (2 micro-steps, CUT): {len(syncs)} (goal: 0) "
+          f"{'PASS' if not syncs else 'FAIL'} {syncs[:3]}", flush=True)
+    return not syncs
+
+
+def measure_generate(dev, dry, batch=32, new_tokens=128):
+    """Generation tokens/s of a Llama-3.2-1B-shaped model in bf16: batch 32, 128 new tokens."""
+    from model import Transformer
+    cfg = llama_config(LLAMA_SHAPES["Llama-3.2-1B"],
+                       **(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128,
+                               vocab_size=512) if dry else {}))
+    model = Transformer(cfg).to(dev, torch.bfloat16).eval()
+    idx = torch.randint(0, cfg.vocab_size, (batch, 64), device=dev)
+    sync = torch.cuda.synchronize if torch.device(dev).type == "cuda" else lambda: None
+    model.generate(idx, 8, temperature=1.0)  # warm up
+    sync()
+    t = time.perf_counter()
+    out = model.generate(idx, new_tokens, temperature=1.0)
+    sync()
+    dt = time.perf_counter() - t
+    made = out.shape[1] - idx.shape[1]
+    print(f"generate, {'tiny' if dry else 'Llama-3.2-1B'}-shaped, bf16, batch {batch}: "
+          f"{batch * made / dt:.0f} tokens/s ({made} tokens a row in {dt:.1f} s)", flush=True)
+
+
 def bench_gpu(args):
-    """One command for a lent GPU (under 8 minutes); --dry rehearses it on the CPU with tiny shapes,
-    no compile."""
+    """One command for a lent GPU (under 10 minutes): bf16 parity with the CPU, torchrun with DDP
+    and FSDP, compile without recompiles, no syncs in a step, MFU, generation tokens/s. --dry
+    rehearses it on the CPU with tiny shapes, no compile, no sync check."""
     if not args.dry and not torch.cuda.is_available():
         sys.exit("bench.py gpu: no CUDA GPU here; --dry rehearses the same checks on the CPU")
     dev = "cpu" if args.dry else "cuda:0"
@@ -707,7 +812,11 @@ def bench_gpu(args):
           flush=True)
     ok = check_bf16_step(dev, args.dry)
     ok &= check_torchrun(dev, args.dry, 1 if args.dry else torch.cuda.device_count())
+    if not args.dry:
+        ok &= check_compile(dev, "builtin")
+        ok &= check_syncs(dev)
     measure_mfu(dev, args.dry)
+    measure_generate(dev, args.dry)
     if not ok:
         sys.exit("bench.py gpu: FAIL")
 
@@ -858,7 +967,7 @@ def alpaca_vs_transformers(path, args, tok, instructions, theirs_ids, theirs_s, 
 # ---------------------------------------------------------------------- sections: add new ones here
 
 BENCHMARKS = {"model": bench_model, "train": bench_train, "memory": bench_memory, "gpu": bench_gpu,
-              "generate": bench_generate}
+              "generate": bench_generate, "compile": bench_compile}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -875,7 +984,7 @@ if __name__ == "__main__":
     parser.add_argument("--dry", action="store_true",
                         help="gpu: rehearse on the CPU, tiny shapes, no compile")
     parser.add_argument("--data", default="",
-                        help="train, generate: a triples file (the CUT authors' "
+                        help="train, generate, compile: a triples file (the CUT authors' "
                         "online iteration 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

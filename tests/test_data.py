@@ -380,14 +380,16 @@ def smol_tok(smollm2_dir):
     return Tokenizer.from_pretrained(smollm2_dir)
 
 
-def check_rows(batch_idx, batch_targets, rows, pad_id):
-    """Row r of the batch is (prompt + trained)[:-1], then padding; targets are -100 but on the trained span."""
+def check_rows(b, rows, pad_id):
+    """Row r of the batch is (prompt + trained)[:-1], then padding; its targets are the trained
+    ids, left-aligned, then -100; each is predicted at the position of the token before it."""
     for r, (p, t) in enumerate(rows):
         n = len(p) + len(t) - 1
-        assert batch_idx[r, :n].tolist() == (p + t)[:-1]
-        assert (batch_idx[r, n:] == pad_id).all()
-        assert (batch_targets[r, :len(p) - 1] == -100).all() and (batch_targets[r, n:] == -100).all()
-        assert batch_targets[r, len(p) - 1:n].tolist() == t
+        assert b.idx[r, :n].tolist() == (p + t)[:-1]
+        assert (b.idx[r, n:] == pad_id).all()
+        assert b.targets[r, :len(t)].tolist() == t and (b.targets[r, len(t):] == -100).all()
+        assert b.positions[r, :len(t)].tolist() == list(range(len(p) - 1, n))
+        assert b.idx[r, b.positions[r, 1:len(t)]].tolist() == t[:-1]
 
 
 @pytest.mark.parametrize("which", ["byte", "smol"])
@@ -401,6 +403,7 @@ def test_response_ids_identical_across_a_triples_rows(which, request):
         assert e.rows[1][0] == prompt_ids(tok, X, J, chat=chat)
         b = collate([e])
         spans = [row[row != -100].tolist() for row in b.targets]
+        assert b.positions[0, 0] == len(e.rows[0][0]) - 1
         assert spans == [resp] * 2
         assert tok.decode(spans[0][:-1]) == NEG.response and spans[0][-1] == tok.eos_id
 
@@ -464,10 +467,12 @@ def test_collate_shapes_padding_and_row_indices(byte_tok):
     enc = encode_triples(byte_tok, [ACC, NEG, ACC], "cut", 4096)
     b = collate(enc, pad_id=7).to("cpu")
     rows = [r for e in enc for r in e.rows]
-    assert b.idx.shape == b.targets.shape == (4, max(len(p) + len(t) for p, t in rows) - 1)
+    assert b.idx.shape == (4, max(len(p) + len(t) for p, t in rows) - 1)
+    assert b.targets.shape == b.positions.shape == (4, max(len(t) for _, t in rows))
+    assert b.n_tokens == sum(len(p) + len(t) - 1 for p, t in rows)
     assert b.x_rows.tolist() == [0, 1, 3] and b.j_rows.tolist() == [0, 2, 3]
-    assert b.is_neg.tolist() == [False, True, False] and b.idx.dtype == b.targets.dtype == torch.long
-    check_rows(b.idx, b.targets, rows, 7)
+    assert b.is_neg.tolist() == [False, True, False] and b.idx.dtype == b.targets.dtype == b.positions.dtype == torch.long
+    check_rows(b, rows, 7)
 
 
 def write(path, records, jsonl):

@@ -345,18 +345,31 @@ def test_unsupported_families_fail_clearly(tmp_path, edit, message):
 def loss_and_grads(m, logp):
     """A weighted sum of the log-probs (weights that differ per position, so a misplaced value
     shows) and its grads."""
-    loss = (logp * torch.linspace(0.5, 1.5, len(logp))).sum()
+    loss = (logp.flatten() * torch.linspace(0.5, 1.5, logp.numel())).sum()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad(set_to_none=True)
     return loss.detach(), grads
 
 
+def left_aligned(trained, targets):
+    """(positions, targets), (B, N): each row's trained positions and their targets, then
+    padding (-100), as data.collate lays them out."""
+    N = int(trained.sum(1).max())
+    positions = torch.zeros(len(trained), N, dtype=torch.long)
+    out = torch.full((len(trained), N), -100)
+    for r, row in enumerate(trained):
+        where = row.nonzero()[:, 0]
+        positions[r, :len(where)] = where
+        out[r, :len(where)] = targets[r, where]
+    return positions, out
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_chunked_target_logprobs_equal_the_full_log_softmax(monkeypatch, autocast):
-    """model(idx, targets=...) in blocks of 7 positions against log_softmax over the full
-    (B, T, vocab) logits: the same values and gradients, and the lm_head never sees more than 7
-    positions, forward or backward."""
+    """model(idx, positions, targets) in blocks of 7 positions against log_softmax over the full
+    (B, T, vocab) logits: the same values and gradients, 0 on padding, and the lm_head never sees
+    more than 7 positions, forward or backward."""
     import model
     monkeypatch.setattr(model, "LOGIT_CHUNK", 7)
     torch.manual_seed(0)
@@ -366,29 +379,50 @@ def test_chunked_target_logprobs_equal_the_full_log_softmax(monkeypatch, autocas
     targets = torch.where(torch.rand(3, 12, generator=torch.Generator().manual_seed(3)) > 0.4,
                           ids(12, 3, 50, 4), -100)
     trained = targets != -100
-    # three blocks, the last one short
-    assert 14 < int(trained.sum()) < 21 and int(trained.sum()) % 7
+    positions, wanted = left_aligned(trained, targets)
+    assert positions.numel() == 21 and wanted.eq(-100).sum() == 5  # three blocks, padding too
     ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if autocast
            else torch.autocast("cpu", enabled=False))
     with ctx:
         logits = m(x).float()
-    want = logits.log_softmax(-1)[trained].gather(1, targets[trained][:, None])[:, 0]
+    want = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    want = torch.zeros(3, 12).masked_scatter(trained, want[trained])
+    want = want.gather(1, positions) * (wanted != -100)
     want_loss, want_grads = loss_and_grads(m, want)
     rows_seen = []
-    m.lm_head.register_forward_hook(lambda mod, inp, out: rows_seen.append(out.shape[0]))
+    m.lm_head.register_forward_pre_hook(lambda mod, inp: rows_seen.append(inp[0].shape[0]))
     with ctx:
-        got = m(x, targets=targets)
+        got = m(x, positions, wanted)
     got_loss, got_grads = loss_and_grads(m, got)
-    blocks = [7, 7, int(trained.sum()) - 14]
     # each block in forward, then again, last first, in backward
-    assert rows_seen == blocks + blocks[::-1]
+    assert rows_seen == [7, 7, 7] * 2
     torch.testing.assert_close(got, want.detach())
     torch.testing.assert_close(got_loss, want_loss)
-    # under autocast each block's lm_head gradient is rounded to bf16 alone
     for k, want_grad in want_grads.items():
         rtol = 1.6e-2 if autocast else 1.3e-6  # bf16's resolution, or float32's default
         torch.testing.assert_close(got_grads[k], want_grad, rtol=rtol,
                                    atol=1e-5 + rtol * want_grad.abs().max().item())
+
+
+def test_lm_head_and_log_softmax_stay_fp32_under_autocast():
+    """Under bf16 autocast the blocks run in bf16 but the logits do not: log p(target) equals the
+    fp32 projection of the final hidden state (bf16 logits would be off by more than 1e-2)."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=300,
+                                hidden_dim=128))
+    torch.nn.init.normal_(m.lm_head.weight, std=0.5)  # logits of ~10, where bf16 rounds by ~0.05
+    x, targets = ids(T=9, B=2, vocab=300), ids(T=9, B=2, vocab=300, seed=5)
+    positions = torch.arange(9).expand(2, 9)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        h = m.model.norm(m.hidden(x))
+        got = m(x, positions, targets)
+        logits = m(x)
+    assert logits.dtype == torch.float32
+    want = (h.float() @ m.lm_head.weight.T).log_softmax(-1).gather(2, targets[..., None])[..., 0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # what autocast alone would give: a bf16 matmul, bf16 logits
+    rounded = (h.bfloat16() @ m.lm_head.weight.T.bfloat16()).float().log_softmax(-1)
+    assert (rounded.gather(2, targets[..., None])[..., 0] - want).abs().max() > 1e-2
 
 
 def test_grad_ckpt_recomputes_each_block_with_the_same_loss_and_gradients():
@@ -396,12 +430,13 @@ def test_grad_ckpt_recomputes_each_block_with_the_same_loss_and_gradients():
     m = Transformer(ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=50,
                                 hidden_dim=64))
     x, targets = ids(T=10, B=2, vocab=50), ids(T=10, B=2, vocab=50, seed=5)
-    want = loss_and_grads(m, m(x, targets=targets))
+    positions = torch.arange(10).expand(2, 10)
+    want = loss_and_grads(m, m(x, positions, targets))
     calls = []
     for block in m.model.layers:
         block.register_forward_pre_hook(lambda mod, inp: calls.append(1))
     m.grad_ckpt = True
-    got = loss_and_grads(m, m(x, targets=targets))
+    got = loss_and_grads(m, m(x, positions, targets))
     assert len(calls) == 4  # 2 blocks, each run in forward and again in backward
     torch.testing.assert_close(got[0], want[0])
     for k in want[1]:
