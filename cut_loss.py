@@ -1,9 +1,8 @@
 """CUT's loss (arXiv 2312.14591, Eqs. 5-8; docs/cut.md): response log-probs -> L_CUT = L1 + L2.
 
-Pure torch: no model, no tokenizer. Shapes: R sequences (rows) of a batch, T positions, B triples,
-N response tokens per row, left-aligned (column t = t-th token of y, EOS included), as
-model(idx, positions, targets) gives them, and a float `mask` that is 1 on the real tokens of y and
-0 on padding. N_b = mask[b].sum() is the paper's N.
+Pure torch: no model, no tokenizer. Shapes: R sequences (rows) of a batch, B triples, N response
+tokens per row, left-aligned (column t = t-th token of y, EOS included) as model(idx, positions,
+targets) gives them; a float `mask` is 1 on y's real tokens, 0 on padding: N_b = mask[b].sum()
 """
 import torch
 import torch.nn.functional as F
@@ -57,8 +56,8 @@ def batch_loss(mode, logp, mask, x_rows, j_rows, is_neg, lam, alpha, gamma, ref_
                beta=0.1):
     """The loss of `mode` (CUT or a baseline of the paper) on the rows of one batch: (loss, stats).
 
-    logp, mask (R, N) as in the docstring at the top. For 'cut', triple b has its x -> y row x_rows[b] and
-    its [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For
+    logp, mask (R, N): see the top. For 'cut', triple b has its x -> y row x_rows[b] and its
+    [x, j-] -> y row j_rows[b] (for an acceptable triple, j_rows[b] == x_rows[b]: a dummy). For
     'forward', x_rows[b] is x -> y and j_rows[b] is [x, y] -> j. For 'dpo' and 'ilf_dpo', x_rows[b]
     is the preferred response and j_rows[b] the other, and ref_logp (R, N) the reference model's
     logp. sft, sft_all, hindsight and ilf_mle are MLE on every row: the triple builder put only

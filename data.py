@@ -159,10 +159,10 @@ class Batch:
     n_tokens: int  # the real tokens of idx, counted here: no device sync to count them
 
     def to(self, device) -> "Batch":
-        # pinned host memory: the copy runs beside the GPU's work instead of waiting for it
-        pin = torch.device(device).type == "cuda"
-        moved = {k: v.pin_memory() if pin else v for k, v in vars(self).items() if k != "n_tokens"}
-        moved = {k: v.to(device, non_blocking=True) for k, v in moved.items()}
+        # from pinned host memory the copy runs beside the GPU's work instead of waiting for it
+        pin = lambda v: v.pin_memory() if torch.device(device).type == "cuda" else v
+        moved = {k: pin(v).to(device, non_blocking=True) for k, v in vars(self).items()
+                 if k != "n_tokens"}
         return Batch(**moved, n_tokens=self.n_tokens)
 
 
@@ -187,6 +187,5 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         positions[r, :len(t)] = torch.arange(len(p) - 1, len(seq) - 1)
         targets[r, :len(t)] = torch.tensor(t)
     is_neg = torch.tensor([e.is_neg for e in encoded])
-    n_tokens = sum(len(p) + len(t) - 1 for p, t in rows)
     return Batch(idx, positions, targets, torch.tensor(x_rows), torch.tensor(j_rows), is_neg,
-                 n_tokens)
+                 n_tokens=sum(len(p) + len(t) - 1 for p, t in rows))

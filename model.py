@@ -15,7 +15,6 @@ from torch.utils.checkpoint import checkpoint
 from support.checkpoint import check_tensors, read_checkpoint, write_checkpoint
 
 LOGIT_CHUNK = 1024  # trained positions per lm_head + log-softmax block: (1024, vocab) fp32
-IGNORE = -100  # a target that is not trained: padding (cross_entropy's ignore_index)
 
 
 @dataclass
@@ -112,16 +111,15 @@ class Attention(nn.Module):
 
 
 class LMHead(nn.Linear):
-    """The output projection, in fp32 under autocast: bf16 logits would carry errors of ~6% into
-    p_x and p_n, right where CUT's token detection compares them."""
+    """The output projection in fp32 under autocast: bf16 logits put ~6% errors in p_x and p_n."""
 
     def forward(self, h, targets=None):
-        """h (n, dim) -> fp32 logits (n, vocab); with targets (n,): log p(target), 0 at IGNORE."""
+        """h (n, dim) -> fp32 logits (n, vocab); with targets (n,): log p(target), 0 at -100."""
         with torch.autocast(h.device.type, enabled=False):
             logits = F.linear(h.float(), self.weight.float())
         if targets is None:
             return logits
-        return -F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="none")
+        return -F.cross_entropy(logits, targets, reduction="none")  # ignore_index: -100
 
 
 class MLP(nn.Module):
@@ -173,21 +171,19 @@ class Transformer(nn.Module):
     def forward(self, idx, positions=None, targets=None):
         """idx (B, T) token ids -> fp32 logits (B, T, vocab). With positions and targets (B, N):
         log p(targets[b, n]) predicted at position positions[b, n] of row b, (B, N), 0 where a
-        target is IGNORE. Only those positions reach the lm_head, LOGIT_CHUNK at a time, each block
+        target is -100. Only those positions reach the lm_head, LOGIT_CHUNK at a time, each block
         recomputed in backward: the (B * N, vocab) fp32 logits never exist at once."""
         h = self.hidden(idx)
         if targets is None:
             return self.lm_head(self.model.norm(h))
-        rows = torch.arange(len(idx), device=idx.device)[:, None]
-        h = self.model.norm(h[rows, positions]).flatten(0, 1)  # integer indices: no device sync
+        # a gather by integer positions: no device sync (a boolean mask would need one)
+        h = self.model.norm(torch.take_along_dim(h, positions[..., None], dim=1)).flatten(0, 1)
         blocks = zip(h.split(LOGIT_CHUNK), targets.flatten().split(LOGIT_CHUNK))
         logps = [checkpoint(self.lm_head, h, t, use_reentrant=False) for h, t in blocks]
         return torch.cat(logps).view(targets.shape)
 
     def compile_pieces(self):
-        """torch.compile each block (one graph serves every layer) and the lm_head; the loops over
-        them stay eager, so no length or chunk count makes a new graph. Each compiles twice: for
-        the first shapes, then once for any shape (dynamic) when they first change."""
+        """torch.compile each block (one graph for every layer) and the lm_head, not the loops."""
         for layer in self.model.layers:
             layer.compile()
         self.lm_head.compile()

@@ -91,7 +91,8 @@ class Config:  # every key can be set by --key=value or a JSON config file
 
 CHOICES = {"loss": LOSS_MODES, "task": ("mixed", "new")}
 GRACE_S = 5  # seconds in which a second Ctrl-C or SIGTERM is the first one again
-SAVE_TIMEOUT = timedelta(minutes=60)  # how long a process waits for another in a collective
+# how long the others wait in a collective while rank 0 saves: past NCCL's 10 minutes at 8B
+SAVE_TIMEOUT = timedelta(minutes=60)
 
 
 def base_config(cfg):
@@ -127,13 +128,11 @@ def micro_batches(encoded, it, cfg, rank, world):
         epoch += 1
     # balance the micro-steps by padded tokens (rows x longest row): the longest triples first,
     # each into the micro-step it grows least. Counts differ; train_step weighs each by its count
-    length = lambda e: max(len(p) + len(t) for p, t in e.rows)
-    chosen.sort(key=lambda i: length(encoded[i]), reverse=True)
+    longest = lambda e: max(len(p) + len(t) for p, t in e.rows)
     steps = [[] for _ in range(cfg.gradient_accumulation_steps)]
-    padded = lambda step, e: (sum(len(s.rows) for s in step) + len(e.rows)) * length(step[0] if step else e)
-    for i in chosen:
-        best = min(steps, key=lambda step: padded(step, encoded[i]))
-        best.append(encoded[i])
+    for e in sorted((encoded[i] for i in chosen), key=longest, reverse=True):
+        rows = lambda step: sum(len(s.rows) for s in step) + len(e.rows)
+        min(steps, key=lambda step: rows(step) * longest((step or [e])[0])).append(e)
     return steps[rank::world]  # the same micro-steps for any number of processes
 
 
@@ -144,10 +143,7 @@ def forward_loss(model, encoded, cfg, pad_id, dev, autocast, ref=None):
     mask = (batch.targets != -100).float()
     with autocast:
         logp = model(batch.idx, batch.positions, batch.targets)
-        ref_logp = None
-        if ref is not None:
-            with torch.no_grad():
-                ref_logp = ref(batch.idx, batch.positions, batch.targets)
+        ref_logp = None if ref is None else ref(batch.idx, batch.positions, batch.targets)
         loss, stats = batch_loss(cfg.loss, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
                                  cfg.lam, cfg.alpha, cfg.gamma, ref_logp, cfg.beta)
     return loss, stats, batch.n_tokens
@@ -210,25 +206,23 @@ def build_model(cfg, state, dev, master):
     if cfg.max_len > model_cfg.max_seq_len:
         raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_seq_len "
                          f"{model_cfg.max_seq_len}")
-    if not cfg.fsdp:
-        model.grad_ckpt = cfg.grad_ckpt
-        return model.to(dev), tok
-    with torch.device("meta"):
-        sharded = Transformer(model_cfg)
-    sharded.grad_ckpt = cfg.grad_ckpt
-    # a shard group per block, the root for the rest; gradients reduced in fp32;
-    # cast_forward_inputs=False: RoPE's cos and sin stay fp32, as under autocast
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype), reduce_dtype=torch.float32,
-                              cast_forward_inputs=False)
-    for block in sharded.model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(sharded, mp_policy=mp)
-    sharded.to_empty(device=dev)
-    sharded.inv_freq = rope_frequencies(model_cfg).to(dev)  # a buffer to_empty left unset
-    full = model.state_dict() if master else {}
-    options = dist_sd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    dist_sd.set_model_state_dict(sharded, full, options=options)
-    return sharded, tok
+    if cfg.fsdp:
+        full = model.state_dict() if master else {}
+        with torch.device("meta"):
+            model = Transformer(model_cfg)
+        # a shard group per block, the root for the rest; gradients reduced in fp32;
+        # cast_forward_inputs=False: RoPE's cos and sin stay fp32, as under autocast
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, cfg.dtype),
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for block in model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        model.to_empty(device=dev)
+        model.inv_freq = rope_frequencies(model_cfg).to(dev)  # a buffer to_empty left unset
+        options = dist_sd.StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        dist_sd.set_model_state_dict(model, full, options=options)
+    model.grad_ckpt = cfg.grad_ckpt
+    return model.to(dev), tok
 
 
 def trainable_params(model, cfg, state):
@@ -253,11 +247,11 @@ def reference_model(cfg, raw, dev):
         return None
     if cfg.lora_rank:
         def adapters_off(idx, positions, targets):
-            with lora_disabled(raw):
+            with lora_disabled(raw), torch.no_grad():
                 return raw(idx, positions, targets)
         return adapters_off
     ref, _ = load_checkpoint(cfg.init_from, dtype=torch.float32, device=dev)
-    return ref.eval().requires_grad_(False)
+    return ref.eval().requires_grad_(False)  # frozen: its forward records no graph
 
 
 FULL = dist_sd.StateDictOptions(full_state_dict=True, cpu_offload=True)  # on rank 0's CPU (FSDP)
@@ -318,8 +312,7 @@ def train_step(run, it, cfg):
     for g in run.optimizer.param_groups:
         g["lr"] = lr_at(it, cfg)
     steps = micro_batches(run.train_e, it, cfg, run.rank, run.world)
-    # each micro-step's mean loss weighs as its share of the iteration's triples: the loss and
-    # gradient are the mean over all triples however the micro-steps are sized; DDP averages ranks
+    # a micro-step weighs by its share of the iteration's triples: the mean over all, however sized
     per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
     sums = torch.zeros(2, device=run.dev)
     tokens = 0
@@ -349,8 +342,7 @@ def evaluate(run, cfg):
     """The mean loss of up to 20 batches of the validation triples."""
     run.raw.eval()
     losses = []
-    # eager: compiled pieces would compile again for no_grad
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # no recompile for no_grad
         for i in range(0, min(len(run.val_e), 20 * cfg.batch_size), cfg.batch_size):
             batch = run.val_e[i:i + cfg.batch_size]
             loss = forward_loss(run.raw, batch, cfg, run.tok.eos_id, run.dev, run.autocast,
@@ -376,9 +368,8 @@ def train(cfg):
     run = set_up(cfg)
     master = run.rank == 0
     out = Path(cfg.out_dir)
-    # Ctrl-C and SIGTERM (a cluster's preemption) end the iteration, then save and stop. A repeat
-    # within GRACE_S is the same stop (torchrun forwards a signal the scheduler also sent each
-    # process); a later one kills
+    # Ctrl-C and SIGTERM (preemption) end the iteration, then save and stop; a repeat within GRACE_S
+    # is the same stop (torchrun forwards what a scheduler sent every process), a later one kills
     stop = []
 
     def on_signal(signum, frame):
@@ -455,8 +446,6 @@ def main(argv):
         if cfg.device.startswith("cuda"):
             gpu = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(gpu)
-        # the others wait while rank 0 writes a checkpoint: minutes for a large model, past
-        # NCCL's 10-minute default, which would end the job
         dist.init_process_group("nccl" if gpu else "gloo", device_id=gpu, timeout=SAVE_TIMEOUT)
     if cfg.data == "builtin" and (cfg.loss in PAIRED or cfg.loss == "ilf_mle"):
         raise ValueError(f"loss={cfg.loss} needs refinements or preference pairs, and the built-in "
@@ -470,13 +459,13 @@ def main(argv):
             resume = cfg.resume and Path(cfg.out_dir, "train_state.pt").is_file()
             cfg = replace(cfg, init_from=base.out_dir, resume=resume)
             open_run(cfg, master=False)  # a second run, a foreign out_dir: refused before the base
+            if ddp:  # every process checks out_dir before rank 0 makes base/ in it
+                dist.barrier()
             summary = train(base)
             if not summary["stopped_by"]:
                 summary = train(cfg)
         else:
             summary = train(cfg)
-        if ddp:  # no rank tears gloo down while rank 0 still saves (else a rank aborted at exit)
-            dist.barrier()
     finally:
         if ddp:
             dist.destroy_process_group()

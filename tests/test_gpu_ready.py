@@ -146,6 +146,35 @@ def test_sigterm_to_every_process_of_a_torchrun_job_saves_where_it_stopped(tmp_p
     assert [r["iter"] for r in log_of(out)] == list(range(stopped_at + 2))
 
 
+TWICE_AT_ITERATION_3 = r"""
+import os, signal, sys
+import train
+train.GRACE_S = float(sys.argv[1])
+step = train.train_step
+def signalled_twice(run, it, cfg):
+    for _ in range(2 if it == 3 else 0):  # the loop lets Python handle each before the next
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(run, it, cfg)
+train.train_step = signalled_twice
+train.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("grace_s", [5, 0])
+def test_a_repeated_sigterm_within_the_grace_period_is_the_same_stop(tmp_path, grace_s):
+    """SIGTERM twice during iteration 3: within the grace period the run still saves after it
+    (exit 143) and resumes; past it (grace 0 s) the second signal kills at once, unsaved."""
+    out = tmp_path / "run"
+    argv = [*TINY, "--max_iters=300", f"--out_dir={out}"]
+    proc = subprocess.run([sys.executable, "-c", TWICE_AT_ITERATION_3, str(grace_s), *argv],
+                          cwd=ROOT, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
+    if grace_s == 0:
+        assert proc.returncode == -signal.SIGTERM and not (out / "train_state.pt").exists()
+        return
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert train_state(out)["iter"] == 4 and [r["iter"] for r in log_of(out)] == [0, 1, 2, 3]
+
+
 def test_builtin_run_under_torchrun_reads_its_base_once_saved(tmp_path):
     """The base trains fewer iterations than eval_interval, so its one save is its last act: the
     CUT stage's processes must wait for it, not find base/ without a checkpoint."""
