@@ -104,7 +104,9 @@ class Attention(nn.Module):
             cache_v[:, :, start_pos:start_pos + T] = v
             k = cache_k[:, :, :start_pos + T]
             v = cache_v[:, :, :start_pos + T]
-        causal = mask is None and start_pos == 0  # no mask later: a new token sees the whole cache
+        # a decode step (T = 1) sees the whole cache. A conditional jump, not a bare expression:
+        # compiled with dynamic shapes, `T > 1` is symbolic, and SDPA takes a plain bool
+        causal = True if mask is None and T > 1 else False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -185,8 +187,8 @@ class Transformer(nn.Module):
     def compile_pieces(self):
         """torch.compile each block (one graph for every layer) and the lm_head, not the loops."""
         for layer in self.model.layers:
-            layer.compile()
-        self.lm_head.compile()
+            layer.compile(dynamic=True)
+        self.lm_head.compile(dynamic=True)
 
     def hidden(self, idx, start_pos=0, pad=None):
         """The last block's output (B, T, dim), before the final norm. start_pos: the cache

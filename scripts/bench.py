@@ -389,12 +389,13 @@ def step_memory(cfg, mode, rows, seq, trained, gpus=1, ddp=False, grad_ckpt=Fals
     # chunk 0: the (n, V) logits in one block
     block = trained if chunk == 0 else min(trained, chunk or LOGIT_CHUNK)
     logits = 12 * cfg.vocab_size * block  # fp32 log-softmax, its gradient in and out
-    if mode == "full":  # other: autocast's bf16 copies of the linear weights, kept for backward
-        m = dict(weights=4 * P, grads=4 * P, adamw=8 * P, other=2 * n["linear"] + 6 * n["head"])
+    # the lm_head runs in fp32: a bf16 weight gets an fp32 copy (LoRA, FSDP); fp32 needs none
+    if mode == "full":  # other: autocast's bf16 copies of the other linear weights, for backward
+        m = dict(weights=4 * P, grads=4 * P, adamw=8 * P, other=2 * n["linear"] + 2 * n["head"])
         end = 4 * n["head"]  # the embedding's dense gradient, before it is added
     elif mode == "lora":
         m = dict(weights=2 * P + 4 * n["lora"], grads=4 * n["lora"], adamw=8 * n["lora"],
-                 other=2 * n["lora"])
+                 other=2 * n["lora"] + 4 * n["head"])
         end = 0
     else:
         # other: the root (embeddings, lm_head) and two blocks gathered in bf16; a block's and the
@@ -402,7 +403,7 @@ def step_memory(cfg, mode, rows, seq, trained, gpus=1, ddp=False, grad_ckpt=Fals
         root = P - cfg.n_layers * n["block"]
         # block: 2 x 2 gathered, 2 + 4 grads
         m = dict(weights=4 * P / gpus, grads=4 * P / gpus, adamw=8 * P / gpus,
-                 other=2 * root + 10 * n["block"] + 2 * n["head"])
+                 other=2 * root + 10 * n["block"] + 6 * n["head"])
         # the root's gradients in bf16 and fp32 for the reduce-scatter, its parameters
         end = 8 * root
     m["activations"] = acts + logits

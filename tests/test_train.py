@@ -278,14 +278,14 @@ def test_llama2_tokenizer_lora_cut_then_sample_and_eval(tmp_path, family_dir, ca
 
 
 # ----------------------------------------------------------------------------- compile
-def test_compile_breaks_no_graph_and_recompiles_each_piece_once(tmp_path):  # ~60 s cold, ~5 s warm
-    """--compile=True over 5 iterations of varying lengths: no graph break, a block and the lm_head
-    compiled for the first shapes, then once more for any shape; the same losses as eager."""
+def test_compile_breaks_no_graph_and_never_recompiles(tmp_path):  # ~60 s cold, ~5 s warm
+    """--compile=True over 5 iterations of varying lengths: no graph break, and a block and the
+    lm_head compiled once each, for any shape (no recompile); the same losses as eager."""
     from scripts.bench import count_compiles
     if not torch._dynamo.is_dynamo_supported() or not any(map(shutil.which, ("g++", "c++", "clang++"))):
         pytest.skip("torch.compile (inductor on CPU) needs dynamo support and a C++ compiler")
     argv = [*TINY, "--n_layers=2", "--max_iters=5"]
-    assert count_compiles([*argv, f"--out_dir={tmp_path / 'compiled'}"]) == (0, 2)
+    assert count_compiles([*argv, f"--out_dir={tmp_path / 'compiled'}"]) == (0, 0)
     eager = run(tmp_path / "eager", "--n_layers=2", "--max_iters=5")
     compiled = [r["loss"] for r in log_of(tmp_path / "compiled")]
     torch.testing.assert_close(compiled, [r["loss"] for r in log_of(eager)], rtol=1e-4, atol=0)
