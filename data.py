@@ -6,7 +6,7 @@ chat format), build from each (instruction, response, judgment) triple the Align
 Misalign sequences of the paper (docs/cut.md), and pad them into one batch. File formats: support/.
 """
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -161,9 +161,8 @@ class Batch:
     def to(self, device) -> "Batch":
         # from pinned host memory the copy runs beside the GPU's work instead of waiting for it
         pin = lambda v: v.pin_memory() if torch.device(device).type == "cuda" else v
-        moved = {k: pin(v).to(device, non_blocking=True) for k, v in vars(self).items()
-                 if k != "n_tokens"}
-        return Batch(**moved, n_tokens=self.n_tokens)
+        return replace(self, **{k: pin(v).to(device, non_blocking=True)
+                                for k, v in vars(self).items() if k != "n_tokens"})
 
 
 def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:

@@ -104,8 +104,7 @@ class Attention(nn.Module):
             cache_v[:, :, start_pos:start_pos + T] = v
             k = cache_k[:, :, :start_pos + T]
             v = cache_v[:, :, :start_pos + T]
-        # a decode step (T = 1) sees the whole cache. A conditional jump, not a bare expression:
-        # compiled with dynamic shapes, `T > 1` is symbolic, and SDPA takes a plain bool
+        # a decode step (T = 1) sees the whole cache; `True if`: a plain bool even for a symbolic T
         causal = True if mask is None and T > 1 else False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=True)
