@@ -15,6 +15,12 @@ from tasks import letters
 
 TINY = ["--task_size=200", "--dim=32", "--n_layers=1", "--n_heads=2", "--max_len=160",
         "--batch_size=4", "--eval_interval=1000", "--val_frac=0.1", "--device=cpu"]
+TRAIN_ARGS = "--batch_size=4 --val_frac=0.1 --max_len=160"  # the round's train.py flags the loop leaves open
+
+
+def snapshot(folder):
+    """Every file under folder with its size and time: what a run may not have changed."""
+    return {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in Path(folder).rglob("*")}
 
 
 def test_file_judge_round_trip(tmp_path):
@@ -47,8 +53,10 @@ def base(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["cut", "dpo"])
 def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
+    before = snapshot(base.parent)
     args = [f"--base={base}", f"--out_dir={tmp_path}", f"--method={method}", "--rounds=1",
-            "--judge_calls=16", "--max_iters=2", "--n_eval=20", f"--train_args={' '.join(TINY)}"]
+            "--judge_calls=16", "--max_iters=2", "--n_eval=20", "--lam=3",
+            f"--train_args={TRAIN_ARGS}"]
     summary = online.main(args)
     record = summary["rounds"][1]
     samples = json.loads((tmp_path / "round1" / "samples.json").read_text())
@@ -68,19 +76,27 @@ def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
                 pairs.append({"prompt": i, "chosen": good, "rejected": bad})
         assert data == pairs
     assert record["trained"] == bool(data)
-    model = tmp_path / "round1" / "model" if data else base  # nothing to train on: the model stays
-    assert record["model"] == str(model)
-    eval_file = model / "eval_test.json"
-    assert record["accuracy"] == json.loads(eval_file.read_text())["rows"][-1]["accuracy"]
-    stamp = eval_file.stat().st_mtime
+    # the model's place in out_dir (nothing to train on: the model stays the base)
+    assert record["model"] == ("round1/model" if data else str(base.resolve()))
+    for r in (0, 1):  # each round evaluated in out_dir with the run's own n_eval and lam
+        rows = json.loads((tmp_path / f"round{r}" / "eval_test.json").read_text())["rows"]
+        assert rows[-1]["n"] == 20 and rows[-1]["lam"] == 3
+        assert summary["rounds"][r]["accuracy"] == rows[-1]["accuracy"]
+    assert snapshot(base.parent) == before  # nothing written outside out_dir
+    rounds = [snapshot(tmp_path / "round0"), snapshot(tmp_path / "round1")]
     assert online.main(args)["rounds"] == summary["rounds"]  # finished steps are reused
-    assert eval_file.stat().st_mtime == stamp
+    assert [snapshot(tmp_path / "round0"), snapshot(tmp_path / "round1")] == rounds
+    run_files = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(method '%s' -> 'sft'; "
+                       r"n_eval 20 -> 30\): .* --overwrite=True" % method):
+        online.main([*args, "--method=sft", "--n_eval=30"])
+    assert snapshot(tmp_path) == run_files  # refused before anything was written
 
 
 def test_injected_flaws_replace_the_samples_with_the_tasks_fixed_responses(tmp_path, base):
     args = [f"--base={base}", f"--out_dir={tmp_path}", "--method=sft", "--rounds=1",
             "--judge_calls=16", "--max_iters=2", "--n_eval=20", "--injected=0.5",
-            f"--train_args={' '.join(TINY)}"]
+            f"--train_args={TRAIN_ARGS}"]
     record = online.main(args)["rounds"][1]
     fixed = letters.make_task(16, seed=1001, kind="mixed", flawed_frac=0.5, split="train")
     lines = (tmp_path / "round1" / "data.jsonl").read_text().splitlines()
@@ -252,11 +268,7 @@ def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch,
              "sft": {100: 0.10, 400: 0.20, 1200: 0.05, 0.5: 0.00, 1.0: 0.00}}
 
     def fake_base(c, iters):
-        base = tmp_path / f"base{iters}"
-        base.mkdir(exist_ok=True)
-        row = {"U_precision": 0.5, "U_recall": 0.8}
-        (base / "eval_test.json").write_text(json.dumps({"rows": [row]}))
-        return base
+        return tmp_path / f"base{iters}"
 
     def fake_compare(settings):
         point = settings.injected or int(Path(settings.base).name.removeprefix("base"))
@@ -271,7 +283,7 @@ def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch,
     def fake_detection(c, base, rows, name):
         kinds = dict(swap=1.0, missing=0.0, order=0.0, extra=0.0, garbage=0.0)
         return dict(U_precision=0.25, U_recall=0.5, frac_unlikely=0.01, gain_wrong=-0.1,
-                    gain_other=-0.2, flawed=10, **kinds)
+                    gain_other=-0.2, flawed=10, U_precision_task=0.5, U_recall_task=0.8, **kinds)
     monkeypatch.setattr(crossing, "make_base", fake_base)
     monkeypatch.setattr(online_compare, "compare", fake_compare)
     monkeypatch.setattr(crossing, "detection", fake_detection)
@@ -309,6 +321,9 @@ def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
     triples = [letters.Triple(i, r, letters.check_response(i, r).judgment) for i, r in pairs]
     data = tmp_path / "base1-n3" / "cut-lr0.0003-s1" / "round1" / "data.jsonl"
     data.parent.mkdir(parents=True)
+    round0 = {"rows": [{"U_precision": 0.5, "U_recall": 0.8}]}  # the base's, on the task's flaws
+    (data.parent.parent / "round0").mkdir()
+    (data.parent.parent / "round0" / "eval_test.json").write_text(json.dumps(round0))
     records = [dict(instruction=t.instruction, response=t.response, judgment=t.judgment)
                for t in triples]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -318,6 +333,7 @@ def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
     settings = ev.Config(ckpt=str(base), device="cpu")
     expected = ev.token_detection(*ev.load(base, settings), triples[:2], settings)
     assert {k: found[k] for k in expected} == expected
+    assert (found["U_precision_task"], found["U_recall_task"]) == (0.5, 0.8)
 
 
 def test_long_flaws_swap_two_neighbours_in_long_lists_and_compare_end_to_end(tmp_path):
