@@ -21,8 +21,9 @@ the same number of judge calls per round: dpo samples two responses to half as m
 keeps the instructions where one was acceptable and one flawed (the judge ranked them), ilf_* have
 the current model refine each flawed response. With --injected=SHARE the round's responses are not
 sampled but the built-in task's fixed ones, that share flawed: the offline setting, to tell the
-model's own mistakes from injected ones. Each finished step is reused when the command runs again.
-This is an experiment driver: it runs train.py and eval.py as a user would.
+model's own mistakes from injected ones. Each finished step is reused when the command runs again,
+with the run's own settings only (README, Online rounds: the run directory's rules). This is an
+experiment driver: it runs train.py and eval.py as a user would.
 """
 import json
 import os
@@ -148,7 +149,7 @@ def read_instructions(paths):
     found = []
     for path in paths.split(","):
         if path.endswith(".jsonl"):
-            found += [instruction_text(rec, where, ("question",)) for where, rec in json_lines(path)]
+            found += [instruction_text(rec, at, ("question",)) for at, rec in json_lines(path)]
             continue
         try:
             records = json.loads(read_text(path, "instructions file"))
@@ -334,11 +335,12 @@ def one_round(c, r, model_dir, root):
     write_atomic(record_file, json.dumps(record, indent=1))
     return record, model_dir
 
+
 def train_flags(c):
     """train.py's flags for every round: the loop's own settings, then train_args."""
-    return [f"--loss={c.method}", f"--max_iters={c.max_iters}", f"--learning_rate={c.learning_rate}",
-            f"--lam={c.lam}", f"--seed={c.seed}", "--eval_interval=1000", f"--device={c.device}",
-            *shlex.split(c.train_args)]
+    return [f"--loss={c.method}", f"--max_iters={c.max_iters}", f"--lam={c.lam}",
+            f"--learning_rate={c.learning_rate}", f"--seed={c.seed}", "--eval_interval=1000",
+            f"--device={c.device}", *shlex.split(c.train_args)]
 
 
 def has_examples(method, data):

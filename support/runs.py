@@ -85,7 +85,7 @@ def open_run(cfg, master):
 
 
 def lock(out):
-    """Hold out/.lock (in LOCKS) or stop: one run at a time in a directory (scripts.online's too)."""
+    """Hold out/.lock (in LOCKS) or stop: one run at a time in a directory, scripts.online's too."""
     out.mkdir(parents=True, exist_ok=True)
     held = open(out / ".lock", "a")
     try:

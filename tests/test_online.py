@@ -18,7 +18,7 @@ from tasks import letters
 
 TINY = ["--task_size=200", "--dim=32", "--n_layers=1", "--n_heads=2", "--max_len=160",
         "--batch_size=4", "--eval_interval=1000", "--val_frac=0.1", "--device=cpu"]
-TRAIN_ARGS = "--batch_size=4 --val_frac=0.1 --max_len=160"  # the round's train.py flags the loop leaves open
+TRAIN_ARGS = "--batch_size=4 --val_frac=0.1 --max_len=160"  # train.py flags the loop leaves open
 
 
 def snapshot(folder):
@@ -194,7 +194,8 @@ def test_a_file_judged_run_preempted_moved_and_started_afresh(tmp_path, base, mo
     # failed calls are neither trained on nor flaws
     assert (record["failed_calls"], record["flawed_share"]) == (2, 3 / 6)
     data = (first / "round1" / "data.jsonl").read_text().splitlines()
-    assert [json.loads(line)["judgment"] for line in data] == [v for v in verdicts if v != "$ERROR$"]
+    kept = [v for v in verdicts if v != "$ERROR$"]
+    assert [json.loads(line)["judgment"] for line in data] == kept
     moved = tmp_path / "moved"
     shutil.move(first, moved)
     with pytest.raises(SystemExit, match="judged.jsonl"):  # round 2 sampled from the moved model
@@ -230,7 +231,8 @@ def test_refused_up_front_and_nothing_written(tmp_path, base):
             (["--train_args=run.json"], "train_args: 'run.json': expected"),
             (["--train_args=--lora_rnak=4"], "train_args: unknown config key 'lora_rnak'"),
             (["--train_args=--batch_size=0"], "train_args: config key 'batch_size': expected > 0"),
-            (["--method=dpo", "--downsample=0.25"], "downsample=0.25: expected >= 0, and 0 for dpo"),
+            (["--method=dpo", "--downsample=0.25"], "downsample=0.25: expected >= 0, and 0 for "
+                                                    "dpo"),
             (["--method=dpo", "--judge_calls=1"], "judge_calls >= 2"),
             ([*ifeval, f"--instructions={few}"], f"instructions {few}: 207 distinct ones"),
             ([*ifeval, "--split=val", "--n_eval=201"], "n_eval is 201"),
