@@ -44,6 +44,7 @@ import torch
 import eval as ev
 import train
 from data import LOSS_MODES
+from support.checkpoint import read_checkpoint
 from support.runs import LOCKS, base_stamp, lock
 from support.settings import configure, run_program
 from support.triple_files import FAILED_JUDGE, data_hash, read_text
@@ -415,10 +416,16 @@ def check_settings(c):
 
 
 def read_inputs(c):
-    """Check every file the rounds will read, before any generation: the base, the instructions
-    (enough of them) and IFEval's prompts. Their stamps, by contents, for the run's config.json."""
-    if not Path(c.base, "config.json").is_file():
+    """Check every file the rounds will read, before any generation: the base (and train.py's
+    max_len against it), the instructions (enough of them) and IFEval's prompts. Their stamps, by
+    contents, for the run's config.json."""
+    if not Path(c.base).is_dir():
         raise FileNotFoundError(f"base {c.base}: no checkpoint; `python train.py` makes out/base")
+    max_len = configure(train.Config(), train_flags(c)).max_len
+    base_len = read_checkpoint(c.base)[0]["max_seq_len"]
+    if max_len > base_len:  # train.py would refuse it after round 1's sampling
+        raise ValueError(f"train_args: max_len {max_len} exceeds the base's max_seq_len "
+                         f"{base_len}: pass a smaller --max_len")
     stamps = dict(base=base_stamp(SimpleNamespace(init_from=c.base)))
     if c.task == "ifeval":
         pool = read_instructions(c.instructions)

@@ -212,7 +212,7 @@ def test_a_file_judged_run_preempted_moved_and_started_afresh(tmp_path, base, mo
 def test_refused_up_front_and_nothing_written(tmp_path, base):
     run_dir = base.parent  # train.py's run: its train_state.pt, config.json and base/
     before = snapshot(run_dir)
-    common = [f"--base={base}", "--rounds=1", "--judge_calls=8"]
+    common = [f"--base={base}", "--rounds=1", "--judge_calls=8", f"--train_args={TRAIN_ARGS}"]
     for out in (run_dir, base):
         with pytest.raises(ValueError, match=f"out_dir {out}: a file, a model or a train.py run"):
             online.main([*common, f"--out_dir={out}"])
@@ -231,6 +231,8 @@ def test_refused_up_front_and_nothing_written(tmp_path, base):
             (["--train_args=run.json"], "train_args: 'run.json': expected"),
             (["--train_args=--lora_rnak=4"], "train_args: unknown config key 'lora_rnak'"),
             (["--train_args=--batch_size=0"], "train_args: config key 'batch_size': expected > 0"),
+            (["--train_args=--max_len=200"], "train_args: max_len 200 exceeds the base's "
+                                             "max_seq_len 161"),
             (["--method=dpo", "--downsample=0.25"], "downsample=0.25: expected >= 0, and 0 for "
                                                     "dpo"),
             (["--method=dpo", "--judge_calls=1"], "judge_calls >= 2"),
