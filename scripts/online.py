@@ -484,9 +484,19 @@ def main(argv):
     lock(root)  # held to the end: a second command into root stops here
     try:
         start_run(c, root, inputs)
+        check_judged(c, root)
         return run_rounds(c, root)
     finally:
         LOCKS.pop(root.resolve()).close()
+
+
+def check_judged(c, root):
+    """The judged files of the rounds to come, read now: a bad record stops before any generation
+    (round 0's evaluation, say)."""
+    for judged in sorted(root.glob("round[0-9]*/judged.jsonl")):
+        samples = judged.parent / "samples.json"
+        if samples.is_file() and not (judged.parent / f"record_{c.split}.json").is_file():
+            file_judge(judged.parent, [tuple(s) for s in json.loads(read_text(samples))])
 
 
 def run_rounds(c, root):

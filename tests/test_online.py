@@ -175,7 +175,14 @@ def test_a_file_judged_run_preempted_moved_and_started_afresh(tmp_path, base, mo
     asked = (first / "round1" / "to_judge.jsonl").read_text().splitlines()
     verdicts = ["$ERROR$", None, "$ERROR$", None, None, "Wrong.", "Wrong.", "Wrong."]
     judged = [dict(json.loads(line), judgment=v) for line, v in zip(asked, verdicts)]
-    (first / "round1" / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in judged))
+    judged_file = first / "round1" / "judged.jsonl"
+    unjudged = [*judged[:7], json.loads(asked[7])]
+    judged_file.write_text("".join(json.dumps(r) + "\n" for r in unjudged))
+    (first / "round0" / "eval_test.json").unlink()
+    with pytest.raises(ValueError, match=f"{judged_file}: line 8: missing field 'judgment'"):
+        online.main([*args, f"--out_dir={first}"])
+    assert not (first / "round0" / "eval_test.json").exists()  # refused before evaluating
+    judged_file.write_text("".join(json.dumps(r) + "\n" for r in judged))
     real_run = online.run
 
     def preempted(log_dir, *argv):  # SIGTERM: train.py saves after iteration 1 of 2 and stops
