@@ -461,8 +461,9 @@ def start_run(c, root, inputs):
     it first; then record the settings."""
     saved = saved_settings(root)
     now = dict(asdict(c), inputs=inputs)
-    diffs = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
-             if k not in RERUNNABLE and saved and saved.get(k) != now[k]]
+    # a key the run's config.json lacks (written before the key was recorded) is taken as now
+    diffs = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+             if k not in RERUNNABLE and saved.get(k, now[k]) != now[k]]
     if c.overwrite:  # the inputs are checked and the lock held: the old run can go
         for path in [*root.glob("round[0-9]*"), root / "online.json", root / "commands.log"]:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
