@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import zlib
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -256,6 +257,17 @@ def test_refused_up_front_and_nothing_written(tmp_path, base):
     finally:
         LOCKS.pop(out.resolve()).close()
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_a_run_recorded_before_its_inputs_were_goes_on_with_its_settings(tmp_path):
+    c = online.Config(out_dir=str(tmp_path))
+    older = {k: v for k, v in asdict(c).items() if k != "overwrite"}  # before both were recorded
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    online.start_run(c, tmp_path, {"base": "stamp"})
+    assert json.loads((tmp_path / "config.json").read_text())["inputs"] == {"base": "stamp"}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"other settings \(method 'cut' -> 'sft'\)"):
+        online.start_run(replace(c, method="sft"), tmp_path, {"base": "stamp"})
 
 
 def test_refinement_runs_on_the_runs_device(tmp_path, monkeypatch):
