@@ -82,16 +82,19 @@ def one_point(c, base, name, size, iters, injected=0.0):
 
 def detection(c, base, rows, name):
     """U of the base (lam 2) against the judge's wrong tokens on the round's flawed responses (seed
-    1's, the same data for every method but dpo), and those responses' kinds of mistake."""
+    1's, the same data for every method but dpo), and those responses' kinds of mistake; U on
+    the task's flawed responses, from round 0's evaluation."""
     cut = next(r for r in rows if r["method"] == "cut")
-    run = online_compare.run_name("cut", cut["lr"], cut["iters"], 1)
-    data = Path(c.out_dir) / name / run / "round1" / "data.jsonl"
+    run = Path(c.out_dir) / name / online_compare.run_name("cut", cut["lr"], cut["iters"], 1)
+    data = run / "round1" / "data.jsonl"
     flawed = [t for t in load_triples(data, verbose=False) if t.judgment]
     settings = ev.Config(ckpt=str(base), device="cpu")
     model, tok, chat = ev.load(base, settings)
     kinds = Counter(letters.check_response(t.instruction, t.response).kind for t in flawed)
     shares = {k: kinds[k] / len(flawed) for k in ("swap", "missing", "order", "extra", "garbage")}
+    u_task = json.loads((run / "round0" / "eval_test.json").read_text())["rows"][-1]
     return dict(ev.token_detection(model, tok, chat, flawed, settings), flawed=len(flawed),
+                U_precision_task=u_task["U_precision"], U_recall_task=u_task["U_recall"],
                 **shares)
 
 
@@ -111,11 +114,8 @@ def sweep(c):
         name = f"base{iters}-n{size}" + (f"-injected{share:g}" if share else "")
         rows = one_point(c, base, name, size, grid, share)
         u = detection(c, base, rows, name)
-        u_task = json.loads((base / "eval_test.json").read_text())["rows"][-1]  # round 0's
         detections.append(dict(setting=setting, base_iters=iters, size=size,
-                               flawed_share=rows[0]["flawed_share"][0],
-                               U_precision_task=u_task["U_precision"],
-                               U_recall_task=u_task["U_recall"], **u))
+                               flawed_share=rows[0]["flawed_share"][0], **u))
         for row in rows:
             start = row["test"][0]
             points.append(dict(

@@ -57,7 +57,8 @@ def flaw_offsets(instruction_id, kwargs, response):
 
 def measure(c):
     run = Path(c.run)
-    settings = online.Config(**json.loads((run / "config.json").read_text()))
+    saved = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    settings = online.Config(**{k: v for k, v in saved.items() if k != "inputs"})
     if settings.method not in ("cut", "sft"):
         raise ValueError(f"{run}: a {settings.method} run; U is measured on cut's or sft's triples")
     records = online.constrained(settings, "train", settings.judge_calls,
@@ -69,13 +70,13 @@ def measure(c):
         rec = by_prompt[d["instruction"]]
         pairs = zip(rec["instruction_id_list"], rec["kwargs"])
         return [(i, k) for i, k in pairs if ifeval.check(i, k, rec["prompt"], d["response"])]
-    data = [json.loads(line) for line in (run / f"round{c.round}" / "data.jsonl").open()]
+    data = [rec for _, rec in online.json_lines(run / f"round{c.round}" / "data.jsonl")]
     flawed = [d for d in data if d["judgment"] is not None]
     if c.round == 1:
         sampler = settings.base
     else:
-        sampler = json.loads((run / f"round{c.round - 1}" / f"record_{settings.split}.json")
-                             .read_text())["model"]
+        record = run / f"round{c.round - 1}" / f"record_{settings.split}.json"
+        sampler = str(run / json.loads(record.read_text(encoding="utf-8"))["model"])  # in run
     cfg = ev.Config(ckpt=sampler, lam=c.lam, batch_size=c.batch_size, device=c.device)
     model, tok, chat = ev.load(sampler, cfg)
     triples = [Triple(d["instruction"], d["response"], d["judgment"]) for d in flawed]

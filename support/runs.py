@@ -58,14 +58,7 @@ def open_run(cfg, master):
             raise ValueError(f"out_dir {out} holds {', '.join(sorted(others)[:3])}, not a train.py "
                              "run: choose another --out_dir")
     if master and out.resolve() not in LOCKS:  # held until train() ends; the OS frees it on a kill
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"out_dir {out}: another run holds it (its .lock); wait for that run "
-                             "to end, or choose another --out_dir") from None
-        LOCKS[out.resolve()] = lock
+        lock(out)
         finish_checkpoint(out)  # the rest is checked holding the lock: no run changes out meanwhile
     if not cfg.resume and (out / "train_state.pt").is_file() and not cfg.overwrite:
         raise ValueError(f"out_dir {out} holds a run already: resume it with --resume=True, "
@@ -89,6 +82,18 @@ def open_run(cfg, master):
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["iter"] < state["iter"]]
         log.write_text("".join(line + "\n" for line in kept))
     return state
+
+
+def lock(out):
+    """Hold out/.lock (in LOCKS) or stop: one run at a time in a directory, scripts.online's too."""
+    out.mkdir(parents=True, exist_ok=True)
+    held = open(out / ".lock", "a")
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"out_dir {out}: another run holds it (its .lock); wait for that run "
+                         "to end, or choose another --out_dir") from None
+    LOCKS[out.resolve()] = held
 
 
 def base_stamp(cfg):

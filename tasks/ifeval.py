@@ -12,6 +12,7 @@ drawn at random, to instructions of another source, with the kwargs `judge` read
 Where IFEval needs NLTK or langdetect this file uses a rule of its own (see count_sentences,
 capital_words, detect_language); every other checker follows the reference semantics.
 """
+import inspect
 import json
 import re
 import string
@@ -538,12 +539,15 @@ def score(records, responses):
 
 
 def read_prompts(path):
-    """The records of an IFEval-format JSONL file; a malformed one raises a one-line ValueError."""
+    """The records of an IFEval-format JSONL file; a malformed one, or none, raises a one-line
+    ValueError."""
     records = []
-    with open(path, encoding="utf-8") as lines:
+    with open(path, encoding="utf-8-sig") as lines:
         for number, line in enumerate(lines, 1):
             if line.strip():
                 records.append(_parse_record(line, f"{path}:{number}"))
+    if not records:
+        raise ValueError(f"{path}: no records (IFEval's input_data.jsonl holds 541)")
     return records
 
 
@@ -567,7 +571,39 @@ def _parse_record(line, where):
         raise ValueError(f"{where}: field 'instruction_id_list' has unknown id {unknown[0]!r}")
     if not all(isinstance(k, dict) for k in record["kwargs"]):
         raise ValueError(f"{where}: field 'kwargs' must hold JSON objects")
+    for instruction_id, kwargs in zip(record["instruction_id_list"], record["kwargs"]):
+        _check_kwargs(instruction_id, kwargs, f"{where}: field 'kwargs', {instruction_id}")
     return record
+
+
+INTEGER_KWARGS = {"num_words", "num_sentences", "num_paragraphs", "nth_paragraph",
+                  "num_placeholders", "num_bullets", "num_highlights", "num_sections", "frequency",
+                  "let_frequency", "capital_frequency"}
+
+
+def _check_kwargs(instruction_id, kwargs, where):
+    """kwargs holds exactly the checker's arguments (a null is no argument, as in check), each of
+    its type: counts integers, relations one of RELATIONS, keyword lists lists of strings."""
+    parameters = inspect.signature(CHECKERS[instruction_id]).parameters
+    wanted = [name for name, p in parameters.items() if name != "response" and p.default is p.empty]
+    given = {key: value for key, value in kwargs.items() if value is not None}
+    unknown = sorted(set(given) - set(wanted))
+    missing = sorted(set(wanted) - set(given))
+    if unknown or missing:
+        got = f"unknown key {unknown[0]!r}" if unknown else f"no key {missing[0]!r}"
+        raise ValueError(f"{where}: {got}; expected the keys {', '.join(wanted) or 'none'}")
+    for key, value in given.items():
+        if "relation" in key:
+            ok, kind = value in RELATIONS, f"one of {', '.join(map(repr, RELATIONS))}"
+        elif key in INTEGER_KWARGS:
+            ok, kind = type(value) is int, "an integer"
+        elif key in ("keywords", "forbidden_words"):
+            ok = isinstance(value, list) and all(isinstance(w, str) for w in value)
+            kind = "a list of strings"
+        else:
+            ok, kind = isinstance(value, str), "a string"
+        if not ok:
+            raise ValueError(f"{where}: key {key!r} must be {kind}, got {value!r}")
 
 
 # ---------------------------------------------------------------- constraints for training

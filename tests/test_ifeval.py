@@ -1,6 +1,7 @@
 """tasks/ifeval.py: each checker against hand-made responses with the verdicts of IFEval's
 reference semantics, the judge's words, the four scores, the real prompts' file and the training
 constraints."""
+import json
 import random
 import re
 
@@ -214,13 +215,40 @@ GOOD_LINE = '{"key": 1, "prompt": "p", "instruction_id_list": [], "kwargs": []}'
     ('{"prompt": "p", "instruction_id_list": ["punctuation:no_comma"]}', "missing field 'kwargs'"),
     ('{"prompt": "p", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}',
      "field 'kwargs' has 0 entries"),
+    # kwargs as IFEval's checkers take them: each key known, present, of its type
+    ('{"prompt": "p", "instruction_id_list": ["length_constraints:number_words"], '
+     '"kwargs": [{"num_word": 5, "relation": "less than"}]}',
+     "field 'kwargs', length_constraints:number_words: unknown key 'num_word'; "
+     "expected the keys num_words, relation"),
+    ('{"prompt": "p", "instruction_id_list": ["length_constraints:number_words"], '
+     '"kwargs": [{"num_words": "5", "relation": "less than"}]}',
+     "key 'num_words' must be an integer, got '5'"),
+    ('{"prompt": "p", "instruction_id_list": ["keywords:frequency"], '
+     '"kwargs": [{"keyword": "war", "frequency": 2, "relation": "fewer than"}]}',
+     "key 'relation' must be one of 'less than', 'at least', got 'fewer than'"),
+    ('{"prompt": "p", "instruction_id_list": ["keywords:existence"], '
+     '"kwargs": [{"keywords": "river"}]}', "key 'keywords' must be a list of strings"),
+    ('{"prompt": "p", "instruction_id_list": ["detectable_content:postscript"], '
+     '"kwargs": [{"num_bullets": null}]}', "no key 'postscript_marker'"),
 ])
 def test_read_prompts_names_the_file_and_line(tmp_path, bad_line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(f"{GOOD_LINE}\n{bad_line}\n")
-    with pytest.raises(ValueError, match=re.escape(f"{path}:2: ") + ".*" + message) as error:
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: ") + ".*" + re.escape(message)) \
+            as error:
         ifeval.read_prompts(path)
     assert "\n" not in str(error.value)
+
+
+def test_read_prompts_takes_nulls_as_absent_and_refuses_an_empty_file(tmp_path):
+    path = tmp_path / "if.jsonl"
+    record = {"prompt": "p", "instruction_id_list": ["keywords:existence"],  # Hugging Face's
+              "kwargs": [{"keywords": ["river"], "num_words": None, "relation": None}]}
+    path.write_text("\ufeff" + json.dumps(record) + "\n")  # a byte-order mark, too
+    assert ifeval.read_prompts(path) == [record]
+    path.write_text("\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no records")):
+        ifeval.read_prompts(path)
 
 
 SIMPLE = {"punctuation:no_comma", "change_case:english_lowercase", "detectable_format:title",

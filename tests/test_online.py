@@ -3,7 +3,10 @@ and one round of each kind of method end to end on a tiny base, resumed without 
 the crossing's drivers (injected flaws, U on a round's own flaws, long lists with one local
 flaw)."""
 import json
+import re
+import shutil
 import zlib
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -11,10 +14,17 @@ import torch
 
 import train
 from scripts import online
+from support.runs import LOCKS, lock
 from tasks import letters
 
 TINY = ["--task_size=200", "--dim=32", "--n_layers=1", "--n_heads=2", "--max_len=160",
         "--batch_size=4", "--eval_interval=1000", "--val_frac=0.1", "--device=cpu"]
+TRAIN_ARGS = "--batch_size=4 --val_frac=0.1 --max_len=160"  # train.py flags the loop leaves open
+
+
+def snapshot(folder):
+    """Every file under folder with its size and time: what a run may not have changed."""
+    return {f: (f.stat().st_size, f.stat().st_mtime_ns) for f in Path(folder).rglob("*")}
 
 
 def test_file_judge_round_trip(tmp_path):
@@ -31,10 +41,80 @@ def test_file_judge_round_trip(tmp_path):
                          (swapped, "line 2: not the record .* asks for"),
                          ([records[0], asked[1]], "line 2: missing field 'judgment'"),
                          ([records[0], dict(records[1], judgment=3)],
-                          "line 2: field 'judgment' must be a string or null")]:
+                          "line 2: field 'judgment' must be a string or null"),
+                         ([records[0], dict(records[1], judgment="   ")],
+                          "line 2: field 'judgment' holds only spaces")]:
         judged.write_text("".join(json.dumps(r) + "\n" for r in bad))
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=f"^{judged}: {message}"):
             online.file_judge(tmp_path, samples)
+    failed = [dict(records[0], judgment=""), dict(records[1], judgment="$ERROR$")]
+    judged.write_text("".join(json.dumps(r) + "\n" for r in failed))
+    assert online.file_judge(tmp_path, samples) == [None, "$ERROR$"]  # "": acceptable
+
+
+def test_file_judge_keeps_judgments_written_into_the_file_it_asks_with(tmp_path):
+    samples = [("Sort these letters: b, a", "a,\u2028b"), ("Sort these letters: c, a", "c, a")]
+    assert online.file_judge(tmp_path, samples) is None
+    asked = tmp_path / "to_judge.jsonl"
+    records = [json.loads(line) for line in asked.read_text(encoding="utf-8").split("\n")[:-1]]
+    assert [(r["instruction"], r["response"]) for r in records] == samples  # U+2028: one line
+    edited = "".join(json.dumps(dict(r, judgment="Wrong.")) + "\n" for r in records)
+    asked.write_text(edited)
+    with pytest.raises(ValueError, match=f"^{asked} was changed, and .*judged.jsonl is missing"):
+        online.file_judge(tmp_path, samples)
+    assert asked.read_text() == edited
+    (tmp_path / "judged.jsonl").write_text(edited)
+    assert online.file_judge(tmp_path, samples) == ["Wrong.", "Wrong."]
+
+
+def test_a_failed_judge_call_gives_no_triple_nor_pair_in_any_method():
+    samples = [(f"Sort these letters: {k}", f"response {n}") for k in "abcd" for n in (1, 2)]
+    judgments = [None, "Wrong.", "$ERROR$", None, "$ERROR$", "Wrong.", "Wrong.", None]
+    kept = [(i, r, j) for (i, r), j in zip(samples, judgments) if j != "$ERROR$"]
+    for method in ("cut", "sft", "ilf_mle"):
+        records = online.training_records(online.Config(method=method), samples, judgments)
+        assert [(t["instruction"], t["response"], t["judgment"]) for t in records] == kept
+    pairs = online.training_records(online.Config(method="dpo"), samples, judgments)
+    assert pairs == [{"prompt": "Sort these letters: a", "chosen": "response 1",
+                      "rejected": "response 2"},
+                     {"prompt": "Sort these letters: d", "chosen": "response 2",
+                      "rejected": "response 1"}]
+    down = online.training_records(online.Config(downsample=0.5), samples, judgments)
+    assert sorted(t["judgment"] or "" for t in down) == ["", "", "Wrong.", "Wrong.", "Wrong."]
+
+
+def test_write_atomic_leaves_the_old_file_when_killed_before_the_move(tmp_path, monkeypatch):
+    target = tmp_path / "record_test.json"
+    online.write_atomic(target, "old ✓")
+    assert target.read_bytes() == "old ✓".encode("utf-8")
+    monkeypatch.setattr(online.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        online.write_atomic(target, "new")
+    assert target.read_text(encoding="utf-8") == "old ✓"
+
+
+def test_instruction_files_are_read_as_written_or_refused_naming_the_record(tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "Name a river.", "input": None},
+                                  {"instruction": "Add them.", "input": "2 and 3"},
+                                  {"instruction": "Say hi."}]))
+    shepherd = tmp_path / "s.jsonl"
+    shepherd.write_text(json.dumps({"question": "Why\u2028so?"}) + "\n")
+    assert online.read_instructions(f"{alpaca},{shepherd}") == \
+        ["Add them.\n\n2 and 3", "Name a river.", "Say hi.", "Why\u2028so?"]
+    for path, text, message in [
+            (alpaca, '[{"instruction": "x", "input": 3}]', "record 0: field 'input' must be a "
+                                                           "string or null"),
+            (alpaca, '[{"input": "x"}]', "record 0: missing field 'instruction'"),
+            (alpaca, '{"instruction": "x"}', "expected a JSON list"),
+            (shepherd, '{"question": "q"}\n{"question": 7}\n', "line 2: field 'question' must "
+                                                                "be a string"),
+            (shepherd, '{"question": "q"}\n["q"]\n', "line 2: expected a JSON object")]:
+        good = path.read_text()
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"^{path}: {re.escape(message)}"):
+            online.read_instructions(f"{alpaca},{shepherd}")
+        path.write_text(good)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +127,10 @@ def base(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["cut", "dpo"])
 def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
+    before = snapshot(base.parent)
     args = [f"--base={base}", f"--out_dir={tmp_path}", f"--method={method}", "--rounds=1",
-            "--judge_calls=16", "--max_iters=2", "--n_eval=20", f"--train_args={' '.join(TINY)}"]
+            "--judge_calls=16", "--max_iters=2", "--n_eval=20", "--lam=3",
+            f"--train_args={TRAIN_ARGS}"]
     summary = online.main(args)
     record = summary["rounds"][1]
     samples = json.loads((tmp_path / "round1" / "samples.json").read_text())
@@ -68,19 +150,142 @@ def test_one_round_end_to_end_and_resumed(tmp_path, base, method):
                 pairs.append({"prompt": i, "chosen": good, "rejected": bad})
         assert data == pairs
     assert record["trained"] == bool(data)
-    model = tmp_path / "round1" / "model" if data else base  # nothing to train on: the model stays
-    assert record["model"] == str(model)
-    eval_file = model / "eval_test.json"
-    assert record["accuracy"] == json.loads(eval_file.read_text())["rows"][-1]["accuracy"]
-    stamp = eval_file.stat().st_mtime
+    # the model's place in out_dir (nothing to train on: the model stays the base)
+    assert record["model"] == ("round1/model" if data else str(base.resolve()))
+    for r in (0, 1):  # each round evaluated in out_dir with the run's own n_eval and lam
+        rows = json.loads((tmp_path / f"round{r}" / "eval_test.json").read_text())["rows"]
+        assert rows[-1]["n"] == 20 and rows[-1]["lam"] == 3
+        assert summary["rounds"][r]["accuracy"] == rows[-1]["accuracy"]
+    assert snapshot(base.parent) == before  # nothing written outside out_dir
+    rounds = [snapshot(tmp_path / "round0"), snapshot(tmp_path / "round1")]
     assert online.main(args)["rounds"] == summary["rounds"]  # finished steps are reused
-    assert eval_file.stat().st_mtime == stamp
+    assert [snapshot(tmp_path / "round0"), snapshot(tmp_path / "round1")] == rounds
+    run_files = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"other settings \(method '%s' -> 'sft'; "
+                       r"n_eval 20 -> 30\): .* --overwrite=True" % method):
+        online.main([*args, "--method=sft", "--n_eval=30"])
+    assert snapshot(tmp_path) == run_files  # refused before anything was written
+
+
+def test_a_file_judged_run_preempted_moved_and_started_afresh(tmp_path, base, monkeypatch):
+    args = [f"--base={base}", "--method=sft", "--judge=file", "--rounds=1", "--judge_calls=8",
+            "--max_iters=2", "--n_eval=10", f"--train_args={TRAIN_ARGS}"]
+    first = tmp_path / "first"
+    with pytest.raises(SystemExit, match="judged.jsonl"):
+        online.main([*args, f"--out_dir={first}"])
+    asked = (first / "round1" / "to_judge.jsonl").read_text().splitlines()
+    verdicts = ["$ERROR$", None, "$ERROR$", None, None, "Wrong.", "Wrong.", "Wrong."]
+    judged = [dict(json.loads(line), judgment=v) for line, v in zip(asked, verdicts)]
+    judged_file = first / "round1" / "judged.jsonl"
+    unjudged = [*judged[:7], json.loads(asked[7])]
+    judged_file.write_text("".join(json.dumps(r) + "\n" for r in unjudged))
+    (first / "round0" / "eval_test.json").unlink()
+    with pytest.raises(ValueError, match=f"{judged_file}: line 8: missing field 'judgment'"):
+        online.main([*args, f"--out_dir={first}"])
+    assert not (first / "round0" / "eval_test.json").exists()  # refused before evaluating
+    judged_file.write_text("".join(json.dumps(r) + "\n" for r in judged))
+    real_run = online.run
+
+    def preempted(log_dir, *argv):  # SIGTERM: train.py saves after iteration 1 of 2 and stops
+        if argv[0] == "train.py":
+            real_run(log_dir, *argv, "--max_iters=1")
+            raise ValueError("train.py failed (exit 143)")
+        real_run(log_dir, *argv)
+    monkeypatch.setattr(online, "run", preempted)
+    with pytest.raises(ValueError, match="exit 143"):
+        online.main([*args, f"--out_dir={first}"])
+    monkeypatch.undo()
+    log = first / "round1" / "model" / "log.jsonl"
+    assert [json.loads(line)["iter"] for line in log.read_text().splitlines()] == [0]
+    record = online.main([*args, f"--out_dir={first}"])["rounds"][1]
+    assert [json.loads(line)["iter"] for line in log.read_text().splitlines()] == [0, 1]
+    # failed calls are neither trained on nor flaws
+    assert (record["failed_calls"], record["flawed_share"]) == (2, 3 / 6)
+    data = (first / "round1" / "data.jsonl").read_text().splitlines()
+    kept = [v for v in verdicts if v != "$ERROR$"]
+    assert [json.loads(line)["judgment"] for line in data] == kept
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    with pytest.raises(SystemExit, match="judged.jsonl"):  # round 2 sampled from the moved model
+        online.main([*args, f"--out_dir={moved}", "--rounds=2"])
+    assert (moved / "round2" / "samples.json").is_file()
+    with pytest.raises(ValueError, match=r"other settings \(lam 2.0 -> 4.0\)"):
+        online.main([*args, f"--out_dir={moved}", "--lam=4", "--rounds=0"])
+    online.main([*args, f"--out_dir={moved}", "--lam=4", "--rounds=0", "--overwrite=True"])
+    assert sorted(p.name for p in moved.iterdir()) == [".lock", "config.json", "online.json",
+                                                       "round0"]
+    assert json.loads((moved / "round0" / "eval_test.json").read_text())["rows"][0]["lam"] == 4
+
+
+def test_refused_up_front_and_nothing_written(tmp_path, base):
+    run_dir = base.parent  # train.py's run: its train_state.pt, config.json and base/
+    before = snapshot(run_dir)
+    common = [f"--base={base}", "--rounds=1", "--judge_calls=8", f"--train_args={TRAIN_ARGS}"]
+    for out in (run_dir, base):
+        with pytest.raises(ValueError, match=f"out_dir {out}: a file, a model or a train.py run"):
+            online.main([*common, f"--out_dir={out}"])
+    assert snapshot(run_dir) == before
+    many, few, prompts, empty = (tmp_path / name for name in ("a.json", "b.json", "if.jsonl",
+                                                              "empty.jsonl"))
+    many.write_text(json.dumps([{"instruction": f"Describe {i}."} for i in range(208)]))
+    few.write_text(json.dumps([{"instruction": f"Describe {i}."} for i in range(207)]))
+    prompts.write_text(json.dumps({"prompt": "p", "instruction_id_list": [], "kwargs": []}))
+    empty.write_text("")
+    ifeval = ["--task=ifeval", f"--instructions={many}", f"--ifeval={prompts}"]
+    out = tmp_path / "out"
+    for extra, message in [
+            (["--train_args=--max_iters=5"], "train_args: '--max_iters=5': expected train.py's "
+                                             "--key=value flags but init_from, data"),
+            (["--train_args=run.json"], "train_args: 'run.json': expected"),
+            (["--train_args=--lora_rnak=4"], "train_args: unknown config key 'lora_rnak'"),
+            (["--train_args=--batch_size=0"], "train_args: config key 'batch_size': expected > 0"),
+            (["--train_args=--max_len=200"], "train_args: max_len 200 exceeds the base's "
+                                             "max_seq_len 161"),
+            (["--method=dpo", "--downsample=0.25"], "downsample=0.25: expected >= 0, and 0 for "
+                                                    "dpo"),
+            (["--method=dpo", "--judge_calls=1"], "judge_calls >= 2"),
+            ([*ifeval, f"--instructions={few}"], f"instructions {few}: 207 distinct ones"),
+            ([*ifeval, "--split=val", "--n_eval=201"], "n_eval is 201"),
+            ([*ifeval, f"--ifeval={empty}"], f"{empty}: no records")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            online.main([*common, f"--out_dir={out}", *extra])
+    assert not out.exists()
+    lock(out)  # a second command into an out_dir that a run holds
+    try:
+        with pytest.raises(ValueError, match=f"out_dir {out}: another run holds it"):
+            online.main([*common, f"--out_dir={out}"])
+    finally:
+        LOCKS.pop(out.resolve()).close()
+    assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_a_run_recorded_before_its_inputs_were_goes_on_with_its_settings(tmp_path):
+    c = online.Config(out_dir=str(tmp_path))
+    older = {k: v for k, v in asdict(c).items() if k != "overwrite"}  # before both were recorded
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    online.start_run(c, tmp_path, {"base": "stamp"})
+    assert json.loads((tmp_path / "config.json").read_text())["inputs"] == {"base": "stamp"}
+    (tmp_path / "config.json").write_text(json.dumps(older))
+    with pytest.raises(ValueError, match=r"other settings \(method 'cut' -> 'sft'\)"):
+        online.start_run(replace(c, method="sft"), tmp_path, {"base": "stamp"})
+
+
+def test_refinement_runs_on_the_runs_device(tmp_path, monkeypatch):
+    argvs = []
+
+    def fake_run(log_dir, *argv):
+        argvs.append(argv)
+        Path(argv[-1].removeprefix("--out_file=")).write_text("[]")
+    monkeypatch.setattr(online, "run", fake_run)
+    c = online.Config(method="ilf_mle", device="cuda:3")
+    online.round_data(c, [("Sort these letters: b, a", "b, a")], ["Wrong."], tmp_path, tmp_path)
+    assert argvs[0][:2] == ("-m", "scripts.refine") and "--device=cuda:3" in argvs[0]
 
 
 def test_injected_flaws_replace_the_samples_with_the_tasks_fixed_responses(tmp_path, base):
     args = [f"--base={base}", f"--out_dir={tmp_path}", "--method=sft", "--rounds=1",
             "--judge_calls=16", "--max_iters=2", "--n_eval=20", "--injected=0.5",
-            f"--train_args={' '.join(TINY)}"]
+            f"--train_args={TRAIN_ARGS}"]
     record = online.main(args)["rounds"][1]
     fixed = letters.make_task(16, seed=1001, kind="mixed", flawed_frac=0.5, split="train")
     lines = (tmp_path / "round1" / "data.jsonl").read_text().splitlines()
@@ -252,11 +457,7 @@ def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch,
              "sft": {100: 0.10, 400: 0.20, 1200: 0.05, 0.5: 0.00, 1.0: 0.00}}
 
     def fake_base(c, iters):
-        base = tmp_path / f"base{iters}"
-        base.mkdir(exist_ok=True)
-        row = {"U_precision": 0.5, "U_recall": 0.8}
-        (base / "eval_test.json").write_text(json.dumps({"rows": [row]}))
-        return base
+        return tmp_path / f"base{iters}"
 
     def fake_compare(settings):
         point = settings.injected or int(Path(settings.base).name.removeprefix("base"))
@@ -271,7 +472,7 @@ def test_crossing_names_where_cuts_gain_crosses_rejection_samplings(monkeypatch,
     def fake_detection(c, base, rows, name):
         kinds = dict(swap=1.0, missing=0.0, order=0.0, extra=0.0, garbage=0.0)
         return dict(U_precision=0.25, U_recall=0.5, frac_unlikely=0.01, gain_wrong=-0.1,
-                    gain_other=-0.2, flawed=10, **kinds)
+                    gain_other=-0.2, flawed=10, U_precision_task=0.5, U_recall_task=0.8, **kinds)
     monkeypatch.setattr(crossing, "make_base", fake_base)
     monkeypatch.setattr(online_compare, "compare", fake_compare)
     monkeypatch.setattr(crossing, "detection", fake_detection)
@@ -309,6 +510,9 @@ def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
     triples = [letters.Triple(i, r, letters.check_response(i, r).judgment) for i, r in pairs]
     data = tmp_path / "base1-n3" / "cut-lr0.0003-s1" / "round1" / "data.jsonl"
     data.parent.mkdir(parents=True)
+    round0 = {"rows": [{"U_precision": 0.5, "U_recall": 0.8}]}  # the base's, on the task's flaws
+    (data.parent.parent / "round0").mkdir()
+    (data.parent.parent / "round0" / "eval_test.json").write_text(json.dumps(round0))
     records = [dict(instruction=t.instruction, response=t.response, judgment=t.judgment)
                for t in triples]
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -318,6 +522,7 @@ def test_crossing_measures_u_on_the_rounds_own_flawed_responses(tmp_path, base):
     settings = ev.Config(ckpt=str(base), device="cpu")
     expected = ev.token_detection(*ev.load(base, settings), triples[:2], settings)
     assert {k: found[k] for k in expected} == expected
+    assert (found["U_precision_task"], found["U_recall_task"]) == (0.5, 0.8)
 
 
 def test_long_flaws_swap_two_neighbours_in_long_lists_and_compare_end_to_end(tmp_path):
