@@ -17,6 +17,7 @@ from support.settings import configure
 from support.tokenizer import Tokenizer
 from tasks.letters import check_response, make_task
 from model import ModelConfig, Transformer
+from test_tokenizers_trained import small_llama3_file  # noqa: F401
 
 
 
@@ -112,10 +113,12 @@ def test_token_positions():
     assert ev.token_positions(tok, "a, c, b", [3, 6, 7]) == [3, 6, 7]  # bytes: offsets are positions; 7 = EOS
 
 
-def test_token_positions_multi_char_tokens(llama3_tokenizer_file):
-    tok = Tokenizer.from_pretrained(llama3_tokenizer_file)
+@pytest.mark.parametrize("file", ["llama3_tokenizer_file", "small_llama3_file"])
+def test_token_positions_multi_char_tokens(file, request):
+    tok = Tokenizer.from_pretrained(request.getfixturevalue(file))
     response = "The sorted letters are a, b, d, c."
     ids = tok.encode(response)
+    assert len(ids) < len(response) / 2  # tokens of several characters
     for offset in range(len(response)):
         i = ev.token_positions(tok, response, [offset])[0]
         start = len(tok.decode(ids[:i]))
