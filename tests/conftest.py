@@ -1,5 +1,6 @@
 """Shared fixtures: the real assets (built by ../shared/tools, paths from the environment) and data files."""
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,25 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+def wait_until(condition, procs=(), timeout=120, what="the condition"):
+    """Poll condition() until it holds: a regression fails after timeout seconds, or as soon as
+    one of procs (subprocess.Popen) ends first, instead of hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for proc in procs:
+            if proc.poll() is not None:
+                err = proc.communicate()[1] or ""
+                pytest.fail(f"a process ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def token_logps(model, prompt, trained):
+    """log p(trained[t] | prompt, trained[:t]) for each t, by an explicit log-softmax of the
+    logits of one unpadded row: a reference for the model's batched, chunked log-probs."""
+    idx = torch.tensor([prompt + trained[:-1]])
+    logp = torch.log_softmax(model(idx)[0].float(), dim=-1)
+    positions = torch.arange(len(prompt) - 1, len(idx[0]))
+    return logp[positions, torch.tensor(trained)]

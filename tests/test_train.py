@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 import support.checkpoint
 import train
+from conftest import wait_until
 from data import prompt_ids
 from support.settings import configure
 from support.tokenizer import Tokenizer
@@ -534,9 +534,8 @@ def test_a_signal_saves_and_the_run_resumes_exactly(tmp_path, sig):
     out = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "train.py", *argv, f"--out_dir={out}"], cwd=ROOT, env=SUBPROCESS_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (out / "log.jsonl").exists() or len(log_of(out)) < 3:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        time.sleep(0.05)
+    wait_until(lambda: (out / "log.jsonl").exists() and len(log_of(out)) >= 3,
+               [proc], what="3 logged iterations")
     proc.send_signal(sig)
     stdout, _ = proc.communicate(timeout=60)
     stopped_at = train_state(out)["iter"]
