@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from conftest import token_logps
 from data import encode_triples
 from model import Transformer
 from support.tokenizer import Tokenizer
@@ -29,14 +30,6 @@ TRIPLES = [Triple(f"Sort {w}.", " ".join(w), "Not sorted.") if i % 2 == 0 else
 
 def flags(settings):
     return [f"--{k}={v}" for k, v in settings.items()]
-
-
-def token_logps(model, prompt, trained):
-    """log p(trained[t] | prompt, trained[:t]) for each t, from the logits of one unpadded row."""
-    idx = torch.tensor([prompt + trained[:-1]])
-    logp = torch.log_softmax(model(idx)[0].float(), dim=-1)
-    positions = torch.arange(len(prompt) - 1, len(idx[0]))
-    return logp[positions, torch.tensor(trained)]
 
 
 def cut_by_hand(model, triple, lam, alpha, gamma):
