@@ -63,3 +63,17 @@ def token_logps(model, prompt, trained):
     logp = torch.log_softmax(model(idx)[0].float(), dim=-1)
     positions = torch.arange(len(prompt) - 1, len(idx[0]))
     return logp[positions, torch.tensor(trained)]
+
+
+def cut_by_hand(model, triple, lam, alpha, gamma):
+    """Paper Eqs. 5-8 for one triple, p_p = p_x: (loss, tokens in U, flawed tokens)."""
+    logp_x = token_logps(model, *triple.rows[0])
+    n = len(logp_x)
+    if not triple.is_neg:  # L2 alone: -(1/N) sum log p(y_t | x)
+        return -logp_x.sum() / n, 0, 0
+    logp_n = token_logps(model, *triple.rows[1])
+    p_x, p_n = logp_x.exp(), logp_n.exp()
+    in_u = (p_n - lam * p_x > 0).detach()
+    weight = alpha * p_n.detach() ** gamma
+    l1 = -torch.where(in_u, weight * torch.log(1 - p_x), logp_x).sum() / n
+    return l1 - logp_n.sum() / n, int(in_u.sum()), n
