@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
+import train
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -50,8 +52,8 @@ def wait_until(condition, procs=(), timeout=120, what="the condition"):
     while not condition():
         for proc in procs:
             if proc.poll() is not None:
-                err = proc.communicate()[1] or ""
-                pytest.fail(f"a process ended (exit {proc.returncode}) before {what}: {err[-2000:]}")
+                err = (proc.communicate()[1] or "")[-2000:]
+                pytest.fail(f"a process ended (exit {proc.returncode}) before {what}: {err}")
         assert time.monotonic() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.05)
 
@@ -77,3 +79,14 @@ def cut_by_hand(model, triple, lam, alpha, gamma):
     weight = alpha * p_n.detach() ** gamma
     l1 = -torch.where(in_u, weight * torch.log(1 - p_x), logp_x).sum() / n
     return l1 - logp_n.sum() / n, int(in_u.sum()), n
+
+
+def cut_micro_steps_by_hand(model, encoded, it, cfg):
+    """Iteration it's micro-steps in one process (train.micro_batches): for each, CUT's loss by
+    hand, the mean over its triples, and the share of its flawed tokens in U."""
+    out = []
+    for step in train.micro_batches(encoded, it, cfg, 0, 1):
+        terms = [cut_by_hand(model, t, cfg.lam, cfg.alpha, cfg.gamma) for t in step]
+        loss = sum(t[0] for t in terms) / len(terms)
+        out.append((loss, sum(t[1] for t in terms) / max(1, sum(t[2] for t in terms))))
+    return out

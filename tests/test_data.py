@@ -358,8 +358,9 @@ def test_family_chat_prompts_match_apply_chat_template(family_dir, tmp_path, nam
 def assert_chat_prompts_match(tok, hf):
     """prompt_ids in the chat format == transformers' apply_chat_template of the same user turn."""
     varied = "Two  spaces,\n\ta tab, 中文 and 🤖"
-    for instruction, judgment, content in [("What is 2+2?", None, "What is 2+2?"),
-                                           (varied, "Wrong.", varied + "\n\n### Judgment:\nWrong.")]:
+    cases = [("What is 2+2?", None, "What is 2+2?"),  # (instruction, judgment, the user's turn)
+             (varied, "Wrong.", varied + "\n\n### Judgment:\nWrong.")]
+    for instruction, judgment, content in cases:
         out = hf.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
                                      add_generation_prompt=True)
         out = out if isinstance(out, list) else out["input_ids"]

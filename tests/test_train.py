@@ -16,7 +16,7 @@ import torch
 
 import support.checkpoint
 import train
-from conftest import cut_by_hand, wait_until
+from conftest import cut_micro_steps_by_hand, wait_until
 from data import encode_triples, prompt_ids, split_triples
 from support.settings import configure
 from support.tokenizer import Tokenizer
@@ -268,9 +268,9 @@ def test_llama2_tokenizer_lora_cut_then_sample_and_eval(tmp_path, family_dir, ca
     model, tok = Transformer.from_pretrained(base), Tokenizer.from_pretrained(base)
     triples = split_triples(load_triples(data, verbose=False), 0.25, train.Config.seed)[0]
     encoded = encode_triples(tok, triples, "cut", 64, chat=True, verbose=False)
+    cfg = train.Config(batch_size=4, lam=1.0)
     with torch.no_grad():
-        [step] = train.micro_batches(encoded, 0, train.Config(batch_size=4), 0, 1)
-        by_hand = sum(cut_by_hand(model, t, 1.0, 1.0, 0.0)[0] for t in step) / len(step)
+        [(by_hand, _)] = cut_micro_steps_by_hand(model, encoded, 0, cfg)
     assert log[0]["loss"] == pytest.approx(by_hand.item(), abs=2e-5)
     tok = Tokenizer.from_pretrained(out)
     assert (tok.chat, tok.instruct, tok.n_vocab, tok.bos_id) == ("llama2", True, 32000, 1)
@@ -581,11 +581,11 @@ def test_builtin_base_then_aligned(tmp_path):
     # CUT went on from the base: its first loss is CUT's by hand on the base's weights
     base, tok = Transformer.from_pretrained(tmp_path / "base"), Tokenizer.from_pretrained(tmp_path)
     cfg = configure(train.Config(), TINY)
-    triples = split_triples(make_task(cfg.task_size, seed=cfg.seed, kind=cfg.task), cfg.val_frac, cfg.seed)[0]
+    task = make_task(cfg.task_size, seed=cfg.seed, kind=cfg.task)
+    triples = split_triples(task, cfg.val_frac, cfg.seed)[0]
     encoded = encode_triples(tok, triples, "cut", cfg.max_len, chat=tok.instruct, verbose=False)
     with torch.no_grad():
-        [step] = train.micro_batches(encoded, 0, cfg, 0, 1)
-        by_hand = sum(cut_by_hand(base, t, cfg.lam, cfg.alpha, cfg.gamma)[0] for t in step) / len(step)
+        [(by_hand, _)] = cut_micro_steps_by_hand(base, encoded, 0, cfg)
     assert log_of(tmp_path)[0]["loss"] == pytest.approx(by_hand.item(), abs=2e-5)
     # greedy decoding with the KV cache == an argmax of a full forward pass per token
     model = Transformer.from_pretrained(tmp_path)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from conftest import cut_by_hand, token_logps
+from conftest import cut_micro_steps_by_hand, token_logps
 from data import encode_triples
 from model import Transformer
 from support.tokenizer import Tokenizer
@@ -65,21 +65,16 @@ def test_cut_iterations_equal_the_hand_written_ones(tmp_path, base_dir):
     optimizer = hand_optimizer(model, CUT)
     expected = []
     for it, lr in enumerate(RATES):
-        steps = train.micro_batches(encoded, it, cfg, 0, 1)
+        steps = cut_micro_steps_by_hand(model, encoded, it, cfg)
         assert len(steps) == 2
-        losses, fracs = [], []
-        for step in steps:
-            terms = [cut_by_hand(model, t, CUT["lam"], CUT["alpha"], CUT["gamma"]) for t in step]
-            loss = sum(t[0] for t in terms) / len(step)
+        for loss, _ in steps:
             (loss / len(steps)).backward()
-            losses.append(loss.item())
-            fracs.append(sum(t[1] for t in terms) / max(1, sum(t[2] for t in terms)))
         clip_by_hand(list(model.parameters()), CUT["grad_clip"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad()
-        expected.append((sum(losses) / 2, sum(fracs) / 2))
+        expected.append((sum(loss.item() for loss, _ in steps) / 2, sum(f for _, f in steps) / 2))
     log = log_of(out)
     assert [r["lr"] for r in log] == pytest.approx(RATES, rel=1e-12)
     assert [r["loss"] for r in log] == pytest.approx([e[0] for e in expected], abs=2e-5)
