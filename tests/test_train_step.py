@@ -1,7 +1,8 @@
 """train.py's iterations against iterations written out by hand: log-probs from an explicit
 log-softmax of the logits, the CUT loss by the paper's formula and DPO's by its own, accumulation,
 clipping, weight decay and torch.optim.AdamW at learning rates worked out by hand. Each setting
-here has a value other than its default, so a flag that never reaches its use fails too."""
+here has a value other than its default (chat: 'no', as 'auto' picks the chat format of this
+tokenizer), so a flag that never reaches its use fails too."""
 import json
 import math
 
@@ -16,7 +17,7 @@ from support.tokenizer import Tokenizer
 from support.triple_files import Triple, load_triples
 from test_train import base_dir, log_of, one_thread, train_state, weights  # noqa: F401
 
-CUT = dict(loss="cut", chat="yes", learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, max_iters=3,
+CUT = dict(loss="cut", chat="no", learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, max_iters=3,
            decay_lr=True, weight_decay=0.5, grad_clip=0.05, batch_size=2,
            gradient_accumulation_steps=2, lam=1.0, alpha=1.5, gamma=0.5, seed=7)
 RATES = [5e-3, 1e-2, 5.5e-3]  # warmup: 1e-2 * 1/2, then the cosine from 1e-2 halfway to 1e-3
@@ -60,7 +61,7 @@ def test_cut_iterations_equal_the_hand_written_ones(tmp_path, base_dir):
     train.main([f"--init_from={base_dir}", f"--data={data}", f"--out_dir={out}",
                 *flags(CUT), *flags(COMMON)])
     model, tok = Transformer.from_pretrained(base_dir), Tokenizer.from_pretrained(base_dir)
-    encoded = encode_triples(tok, TRIPLES, "cut", COMMON["max_len"], chat=True, verbose=False)
+    encoded = encode_triples(tok, TRIPLES, "cut", COMMON["max_len"], chat=False, verbose=False)
     cfg = train.Config(**CUT, **COMMON)
     optimizer = hand_optimizer(model, CUT)
     expected = []
@@ -103,7 +104,7 @@ def dpo_by_hand(policy, reference, pairs, beta):
     return sum(terms) / len(terms)
 
 
-DPO = dict(loss="dpo", chat="yes", learning_rate=5e-2, warmup_iters=0, beta=0.3, lora_rank=2,
+DPO = dict(loss="dpo", learning_rate=5e-2, warmup_iters=0, beta=0.3, lora_rank=2,
            lora_alpha=6.0, lora_targets="q_proj,v_proj", batch_size=2,
            gradient_accumulation_steps=2, seed=3)
 
