@@ -122,7 +122,7 @@ def test_lora_dpo_starts_at_ln2_falls_and_equals_the_hand_loss(tmp_path, base_di
     policy, reference = (Transformer.from_pretrained(d) for d in (tmp_path / "one", base_dir))
     tok = Tokenizer.from_pretrained(base_dir)
     pairs = encode_triples(tok, load_triples(data, verbose=False), "dpo", COMMON["max_len"],
-                           chat=True, verbose=False)
+                           chat=tok.instruct, verbose=False)  # chat 'auto'
     cfg = train.Config(**DPO, **COMMON)
     with torch.no_grad():
         steps = train.micro_batches(pairs, 1, cfg, 0, 1)
