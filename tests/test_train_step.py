@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import train
-from conftest import cut_micro_steps_by_hand, token_logps
-from data import encode_triples
+from conftest import cut_by_hand, cut_micro_steps_by_hand, token_logps
+from data import encode_triples, split_triples
 from model import Transformer
 from support.tokenizer import Tokenizer
 from support.triple_files import Triple, load_triples
-from test_train import base_dir, log_of, one_thread, train_state, weights  # noqa: F401
+from test_train import base_dir, log_of, one_thread, run, train_state, weights  # noqa: F401
 
 CUT = dict(loss="cut", chat="no", learning_rate=1e-2, min_lr=1e-3, warmup_iters=1, max_iters=3,
            decay_lr=True, weight_decay=0.5, grad_clip=0.05, batch_size=2,
@@ -135,3 +135,41 @@ def test_lora_dpo_starts_at_ln2_falls_and_equals_the_hand_loss(tmp_path, base_di
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed == {"model.layers.0.self_attn.q_proj.weight",
                        "model.layers.0.self_attn.v_proj.weight"}
+
+
+def test_val_loss_is_cut_on_the_held_out_triples_by_hand(tmp_path, base_dir):
+    """evaluate: the mean over batch_size slices of the held-out triples of CUT's loss, with the
+    weights after the iteration it is logged at."""
+    data = write_triples(tmp_path / "triples.jsonl", TRIPLES)
+    settings = dict(CUT, max_iters=1, batch_size=1)
+    out = tmp_path / "out"
+    train.main([f"--init_from={base_dir}", f"--data={data}", f"--out_dir={out}",
+                *flags(settings), *flags(dict(COMMON, val_frac=0.25))])
+    held_out = split_triples(TRIPLES, 0.25, settings["seed"])[1]
+    tok = Tokenizer.from_pretrained(base_dir)
+    encoded = encode_triples(tok, held_out, "cut", COMMON["max_len"], chat=False, verbose=False)
+    trained = Transformer.from_pretrained(out)
+    with torch.no_grad():
+        losses = [cut_by_hand(trained, t, CUT["lam"], CUT["alpha"], CUT["gamma"])[0].item()
+                  for t in encoded]
+    assert len(losses) == 2 and losses[0] != losses[1]
+    assert log_of(out)[0]["val_loss"] == pytest.approx(sum(losses) / 2, abs=2e-5)
+
+
+def test_resume_restores_the_global_rng(tmp_path, monkeypatch):
+    """Each iteration starts with the RNG state of the uninterrupted run, seen through lr_at,
+    which every iteration calls first."""
+    states = {}
+    lr_at = train.lr_at
+
+    def recording_lr_at(it, cfg):
+        states.setdefault((cfg.out_dir, it), torch.get_rng_state())
+        return lr_at(it, cfg)
+
+    monkeypatch.setattr(train, "lr_at", recording_lr_at)
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run(straight, "--max_iters=4", "--eval_interval=2")
+    run(resumed, "--max_iters=2", "--eval_interval=2")
+    torch.manual_seed(0)  # what this process did before plays no part
+    run(resumed, "--max_iters=4", "--eval_interval=2", "--resume=True")
+    assert all(torch.equal(states[straight, it], states[resumed, it]) for it in range(4))
