@@ -1,4 +1,6 @@
-"""Shared fixtures: the real assets (built by ../shared/tools, paths from the environment) and data files."""
+"""Shared fixtures: the real assets (built by ../shared/tools, paths from the environment) and
+data files. Shared helpers: a deadline for polling loops, and log-probs and CUT's loss by hand
+(an explicit log-softmax, the paper's formula)."""
 import os
 import time
 from pathlib import Path
