@@ -1,6 +1,7 @@
 """Shared fixtures: the real assets (built by ../shared/tools, paths from the environment) and
 data files. Shared helpers: a deadline for polling loops, and log-probs and CUT's loss by hand
 (an explicit log-softmax, the paper's formula)."""
+import base64
 import os
 import time
 from pathlib import Path
@@ -45,6 +46,39 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent")
     return SHARED_DATA
+
+
+def llama3_pre_tokenizer():
+    """Llama 3's tokenizer.json pre-tokenizer: its split pattern, then the bytes."""
+    tokenizers = pytest.importorskip("tokenizers")
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    pattern = tokenizers.Regex(convert.TikTokenConverter().pattern)  # Llama 3's
+    return tokenizers.pre_tokenizers.Sequence([
+        tokenizers.pre_tokenizers.Split(pattern, "isolated"),
+        tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.fixture(scope="session")
+def small_llama3_file(tmp_path_factory):
+    """Meta's Llama 3 format, "base64(token bytes) rank" a line, of a byte-level BPE that the
+    tokenizers library trains here on test_data's corpus with Llama 3's pre-tokenizer: runs on
+    a clone without ../shared. Its special tokens come after the ranks, by Meta's names."""
+    tokenizers = pytest.importorskip("tokenizers")
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    from test_data import CORPUS, varied_corpus
+    ref = tokenizers.Tokenizer(tokenizers.models.BPE())
+    ref.pre_tokenizer = llama3_pre_tokenizer()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=600, show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    texts = varied_corpus() + CORPUS + ["The sorted letters are a, b, d, c."] * 50
+    ref.train_from_iterator(texts, trainer)
+    byte_of = {c: b for b, c in convert.bytes_to_unicode().items()}
+    tokens = sorted(ref.get_vocab().items(), key=lambda item: item[1])
+    file = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
+    file.write_text("".join(f"{base64.b64encode(bytes(byte_of[c] for c in t)).decode()} {i}\n"
+                            for t, i in tokens))
+    return file
 
 
 def wait_until(condition, procs=(), timeout=120, what="the condition"):

@@ -17,7 +17,6 @@ from support.settings import configure
 from support.tokenizer import Tokenizer
 from tasks.letters import check_response, make_task
 from model import ModelConfig, Transformer
-from test_tokenizers_trained import small_llama3_file  # noqa: F401
 
 
 

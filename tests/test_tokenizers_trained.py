@@ -3,13 +3,13 @@ the reference libraries, each compared with its library on the varied corpus and
 SentencePiece BPE with byte fallback (Llama 2's and Mistral v0.3's settings) and its Hugging Face
 tokenizer.json, byte-level BPE (GPT-2's and Llama 3's pre-tokenizers, ChatML and Llama 3's chat
 tokens), and a Llama 3 rank file (Meta's tokenizer.model) made of one of them."""
-import base64
 import io
 import json
 import shutil
 
 import pytest
 
+from conftest import llama3_pre_tokenizer
 from support.tokenizer import Tokenizer
 from test_data import (CORPUS, LLAMA2_TEMPLATE, MISTRAL_V3_TEMPLATE, assert_chat_prompts_match,
                        hf_from_sentencepiece, varied_corpus)
@@ -18,7 +18,7 @@ spm = pytest.importorskip("sentencepiece")
 tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 from tokenizers import decoders, normalizers, pre_tokenizers, processors  # noqa: E402
-from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode  # noqa: E402
+from transformers.convert_slow_tokenizer import TikTokenConverter  # noqa: E402
 from transformers.tokenization_utils_base import generate_merges  # noqa: E402
 
 TEXTS = varied_corpus() + CORPUS
@@ -119,10 +119,7 @@ BYTE_LEVEL = {  # chat format -> (pre-tokenizer, special tokens, BOS, chat templ
     "chatml": (pre_tokenizers.ByteLevel(add_prefix_space=False),
                ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, CHATML_TEMPLATE),
     # Llama 3's tokenizer.json: its split pattern, then the bytes; and Qwen's NFC
-    "llama3": (pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(TikTokenConverter().pattern), "isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
-        LLAMA3_NAMES[:10], "<|begin_of_text|>", LLAMA3_TEMPLATE)}
+    "llama3": (llama3_pre_tokenizer(), LLAMA3_NAMES[:10], "<|begin_of_text|>", LLAMA3_TEMPLATE)}
 
 
 @pytest.fixture(scope="module", params=list(BYTE_LEVEL))
@@ -167,23 +164,6 @@ def test_byte_level_matches_tokenizers_and_apply_chat_template(byte_level_dir):
 
 
 # ----------------------------------------------------------------------------- Llama 3's rank file
-@pytest.fixture(scope="module")
-def small_llama3_file(tmp_path_factory):
-    """Meta's Llama 3 format, "base64(token bytes) rank" a line, of a byte-level BPE trained here
-    with Llama 3's pre-tokenizer: its special tokens come after the ranks, by Meta's names."""
-    ref = tokenizers.Tokenizer(tokenizers.models.BPE())
-    ref.pre_tokenizer = BYTE_LEVEL["llama3"][0]
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    ref.train_from_iterator(TEXTS + ["The sorted letters are a, b, d, c."] * 50, trainer)
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    tokens = sorted(ref.get_vocab().items(), key=lambda item: item[1])
-    file = tmp_path_factory.mktemp("llama3") / "tokenizer.model"
-    file.write_text("".join(f"{base64.b64encode(bytes(byte_of[c] for c in t)).decode()} {i}\n"
-                            for t, i in tokens))
-    return file
-
-
 def test_llama3_rank_file_ids_special_tokens_and_chat_format(small_llama3_file):
     ref = TikTokenConverter(vocab_file=str(small_llama3_file),
                             extra_special_tokens=LLAMA3_NAMES).converted()
