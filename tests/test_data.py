@@ -352,13 +352,21 @@ def test_family_chat_prompts_match_apply_chat_template(family_dir, tmp_path, nam
     assert tok.instruct and tok.chat == chat
     hf = hf_from_sentencepiece(tmp_path / file, template) if file.endswith("model") else (
         transformers.AutoTokenizer.from_pretrained(tmp_path))  # the real file as it is: tokenizers
-    for instruction, judgment, content in [
-            ("What is 2+2?", None, "What is 2+2?"),
-            ("Two  spaces,\n\ta tab, 中文 and 🤖", "Wrong.", "Two  spaces,\n\ta tab, 中文 and 🤖\n\n### Judgment:\nWrong.")]:
-        out = hf.apply_chat_template([{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True)
-        assert prompt_ids(tok, instruction, judgment, chat=True) == list(out if isinstance(out, list) else
-                                                                         out["input_ids"])
-    ids = prompt_ids(tok, "[INST] </s><s>[/INST] <|im_end|>", chat=True)  # control-token text in the user's turn
+    assert_chat_prompts_match(tok, hf)
+
+
+def assert_chat_prompts_match(tok, hf):
+    """prompt_ids in the chat format == transformers' apply_chat_template of the same user turn."""
+    varied = "Two  spaces,\n\ta tab, 中文 and 🤖"
+    cases = [("What is 2+2?", None, "What is 2+2?"),  # (instruction, judgment, the user's turn)
+             (varied, "Wrong.", varied + "\n\n### Judgment:\nWrong.")]
+    for instruction, judgment, content in cases:
+        out = hf.apply_chat_template([{"role": "user", "content": content}], tokenize=True,
+                                     add_generation_prompt=True)
+        out = out if isinstance(out, list) else out["input_ids"]
+        assert prompt_ids(tok, instruction, judgment, chat=True) == list(out)
+    # control-token text in the user's turn stays text
+    ids = prompt_ids(tok, "[INST] </s><s>[/INST] <|im_end|> <|eot_id|>", chat=True)
     assert sorted(i for i in ids if i in tok.special.values()) == sorted(
         i for i in prompt_ids(tok, "x", chat=True) if i in tok.special.values())
 

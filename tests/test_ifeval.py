@@ -195,16 +195,44 @@ def test_score_strict_and_loose_by_hand():
         "startend:end_checker": 0.0, "keywords:existence": 0.0}
 
 
+SAMPLE = "Sure, here is *my* answer.\n\nIt has [two] lines. P.S. bye"
+SAMPLE_WORDS = {"sure", "here", "is", "my", "answer", "it", "has", "two", "lines", "p", "s", "bye"}
+# whether SAMPLE breaks an instruction, read off SAMPLE by hand: one highlight, one placeholder,
+# a "P.S.", its words; each of the rest it breaks whatever the arguments (no title, no JSON, a
+# comma, ...). Ids left out count words, sentences or letters, which the CASES above check.
+SAMPLE_BREAKS = {
+    "detectable_format:number_highlighted_sections": lambda k: k["num_highlights"] > 1,
+    "detectable_content:number_placeholders": lambda k: k["num_placeholders"] > 1,
+    "detectable_content:postscript": lambda k: k["postscript_marker"] != "P.S.",
+    "keywords:forbidden_words": lambda k: bool({w.lower() for w in k["forbidden_words"]}
+                                               & SAMPLE_WORDS),
+    **dict.fromkeys([
+        "change_case:english_capital", "change_case:english_lowercase",
+        "combination:repeat_prompt", "combination:two_responses",
+        "detectable_format:constrained_response", "detectable_format:json_format",
+        "detectable_format:multiple_sections", "detectable_format:number_bullet_lists",
+        "detectable_format:title", "keywords:existence", "language:response_language",
+        "length_constraints:nth_paragraph_first_word", "length_constraints:number_paragraphs",
+        "punctuation:no_comma", "startend:end_checker", "startend:quotation"],
+        lambda k: True)}
+
+
 def test_the_real_prompts_parse_and_check(shared_data):
     records = ifeval.read_prompts(shared_data / "ifeval-input_data.jsonl")
     assert len(records) == 541
     assert sum(len(r["instruction_id_list"]) for r in records) == 834
+    judged = 0
     for record in records:
         for instruction_id, kwargs in zip(record["instruction_id_list"], record["kwargs"]):
             assert instruction_id in ifeval.SUPPORTED
-            for response in ("", "Sure, here is *my* answer.\n\nIt has [two] lines. P.S. bye"):
-                judgment = ifeval.check(instruction_id, kwargs, record["prompt"], response)
-                assert judgment is None or isinstance(judgment, str)
+            assert ifeval.check(instruction_id, kwargs, record["prompt"], "") == (
+                "The response is empty.")
+            if instruction_id in SAMPLE_BREAKS:
+                judgment = ifeval.check(instruction_id, kwargs, record["prompt"], SAMPLE)
+                assert (judgment is not None) == SAMPLE_BREAKS[instruction_id](kwargs), (
+                    instruction_id, kwargs, judgment)
+                judged += 1
+    assert judged > 600
 
 
 GOOD_LINE = '{"key": 1, "prompt": "p", "instruction_id_list": [], "kwargs": []}'

@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import zlib
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -13,8 +14,11 @@ import pytest
 import torch
 
 import train
+from conftest import token_logps
+from data import encode_triples
 from scripts import online
 from support.runs import LOCKS, lock
+from support.triple_files import Triple
 from tasks import letters
 
 TINY = ["--task_size=200", "--dim=32", "--n_layers=1", "--n_heads=2", "--max_len=160",
@@ -429,7 +433,19 @@ def test_ifeval_round_end_to_end_as_the_gpu_command_runs_it(tmp_path):
     u = ifeval_u.measure(ifeval_u.Config(run=str(tmp_path / "cut-s1"), round=1, batch_size=4))
     flawed = [d for d in data if d["judgment"]]
     assert u["flawed"] == len(flawed) and u["scored"] == len(flawed)
-    assert 0 <= u["frac_unlikely"] <= 1 and sum(u["broken"].values()) >= len(flawed)
+    # U by hand on the base, the round's sampler: p_n(t) - lam p_x(t) > 0, lam 2
+    model = Transformer.from_pretrained(base)
+    triples = [Triple(d["instruction"], d["response"], d["judgment"]) for d in flawed]
+    with torch.no_grad():
+        in_u = [token_logps(model, *e.rows[1]).exp() - 2 * token_logps(model, *e.rows[0]).exp() > 0
+                for e in encode_triples(tok, triples, "cut", 512, chat=True, verbose=False)]
+    assert u["frac_unlikely"] == pytest.approx(float(torch.cat(in_u).float().mean()), abs=1e-6)
+    broken = Counter()  # per constraint, the flawed responses that break it
+    for d in flawed:
+        rec = records[d["instruction"]]
+        broken.update(i for i, k in zip(rec["instruction_id_list"], rec["kwargs"])
+                      if ifeval.check(i, k, rec["prompt"], d["response"]))
+    assert u["broken"] == dict(broken) and sum(broken.values()) >= len(flawed)
     rows = ifeval_report.main([f"--runs={tmp_path}"])
     assert [(r["method"], r["round"], r["seeds"]) for r in rows] == [("cut", 0, 1), ("cut", 1, 1)]
     for row, record in zip(rows, summary["rounds"]):

@@ -7,7 +7,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch
 import eval as ev
 import sample
 import train
+from conftest import wait_until
 from model import ModelConfig, Transformer
 from scripts import compare
 from support.checkpoint import finish_checkpoint
@@ -182,9 +182,26 @@ def test_6_a_checkpoint_with_non_finite_weights_is_refused_on_load(tmp_path):
 
 
 # ----------------------------------------------------------------------------- 7: every rank the same checkpoint
+# the race, provoked without a sleep: rank 0 moves no file of the interrupted save that open_run
+# finishes until rank 1 has moved them all (or 60 s have passed: then rank 1 read it unfinished)
+RANK_0_MOVES_AFTER_RANK_1 = """
+import os, sys, time
+if os.environ.get("RANK") == "0":
+    move = os.replace
+    def move_after_rank_1(src, dst):
+        if sys._getframe(2).f_code.co_name == "open_run":  # not the run's own saves
+            deadline = time.monotonic() + 60
+            while os.path.exists(os.path.dirname(src)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return move(src, dst)
+    os.replace = move_after_rank_1
+"""
+
+
 def test_7_every_rank_resumes_from_the_finished_checkpoint(tmp_path):
-    """A save killed while moving its files (config.json moved, the rest not), rank 0 moving slowly: under DDP every
-    rank goes on from the new checkpoint, as one process does (else the ranks train at different iterations)."""
+    """A save killed while moving its files (config.json moved, the rest not), rank 0 the last to
+    move: under DDP every rank goes on from the new checkpoint, as one process does (else the
+    ranks train at different iterations)."""
     args = [*TINY, "--gradient_accumulation_steps=2", "--eval_interval=2"]
     at2 = run(tmp_path / "at2", "--gradient_accumulation_steps=2", "--eval_interval=2", "--max_iters=2")
     shutil.copytree(at2, tmp_path / "at4")
@@ -197,9 +214,7 @@ def test_7_every_rank_resumes_from_the_finished_checkpoint(tmp_path):
     shutil.copy(tmp_path / "at4" / "log.jsonl", d / "log.jsonl")
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import os, time\nif os.environ.get('RANK') == '0':\n    move = os.replace\n"
-        "    os.replace = lambda a, b: (time.sleep(0.5), move(a, b))[1]\n")
+    (hook / "sitecustomize.py").write_text(RANK_0_MOVES_AFTER_RANK_1)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", *args, "--max_iters=6", "--resume=True", f"--out_dir={d}"], cwd=ROOT,
                           env=dict(SUBPROCESS_ENV, PYTHONPATH=str(hook)), capture_output=True, text=True, timeout=120)
@@ -219,16 +234,15 @@ def test_8_a_second_run_into_a_busy_out_dir_is_refused_and_a_killed_run_leaves_i
     cmd = [sys.executable, "train.py", *TINY, "--max_iters=100000", "--eval_interval=5", f"--out_dir={out}"]
     errs = [open(tmp_path / f"err{i}", "w+") for i in range(2)]  # files, not pipes: a full pipe would block
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=err) for err in errs]
-    while all(p.poll() is None for p in procs):
-        time.sleep(0.2)
+    wait_until(lambda: any(p.poll() is not None for p in procs), what="the refusal of either run")
     loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
     winner = procs[1 - loser]
     assert procs[loser].returncode == 2 and (tmp_path / f"err{loser}").read_text().strip() == (
         f"train.py: out_dir {out}: another run holds it (its .lock); wait for that run to end, or choose another "
         "--out_dir")
-    while not (out / "train_state.pt").exists() or (out / "log.jsonl").read_text().count("\n") < 8:
-        assert winner.poll() is None
-        time.sleep(0.2)
+    wait_until(lambda: (out / "train_state.pt").exists()
+               and (out / "log.jsonl").read_text().count("\n") >= 8, [winner],
+               what="a checkpoint and 8 logged iterations")
     winner.kill()  # SIGKILL: no handler runs, the lock goes with the process
     winner.wait()
     finish_checkpoint(out)  # a kill while a save moved its files: what any program does first
