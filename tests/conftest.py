@@ -119,10 +119,13 @@ def cut_by_hand(model, triple, lam, alpha, gamma):
 
 def cut_micro_steps_by_hand(model, encoded, it, cfg):
     """Iteration it's micro-steps in one process (train.micro_batches): for each, CUT's loss by
-    hand, the mean over its triples, and the share of its flawed tokens in U."""
+    hand, the mean over its triples, weighted by its share of the iteration's triples (micro-steps
+    differ in size), and the share of its flawed tokens in U, weighted the same."""
     out = []
+    per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
     for step in train.micro_batches(encoded, it, cfg, 0, 1):
         terms = [cut_by_hand(model, t, cfg.lam, cfg.alpha, cfg.gamma) for t in step]
         loss = sum(t[0] for t in terms) / len(terms)
-        out.append((loss, sum(t[1] for t in terms) / max(1, sum(t[2] for t in terms))))
+        frac = sum(t[1] for t in terms) / max(1, sum(t[2] for t in terms))
+        out.append((loss * len(step) / per_iter, frac * len(step) / per_iter))
     return out

@@ -57,8 +57,8 @@ def test_grad_ckpt_recomputes_blocks_with_the_same_result(tmp_path, monkeypatch)
     assert blocks[False] == 0 and blocks[True] > 0 and losses[True] == losses[False]
 
 
-def test_compile_compiles_the_model(tmp_path, monkeypatch):
+def test_compile_compiles_each_block_and_the_lm_head(tmp_path, monkeypatch):
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled.append(m) or m)
-    run(tmp_path, "--compile=True", "--max_iters=1")
-    assert len(compiled) == 1 and isinstance(compiled[0], Transformer)
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda m, **kw: compiled.append(m))
+    run(tmp_path, "--compile=True", "--max_iters=1", "--n_layers=2")
+    assert [type(m).__name__ for m in compiled] == ["Block", "Block", "LMHead"]

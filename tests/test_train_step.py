@@ -69,13 +69,13 @@ def test_cut_iterations_equal_the_hand_written_ones(tmp_path, base_dir):
         steps = cut_micro_steps_by_hand(model, encoded, it, cfg)
         assert len(steps) == 2
         for loss, _ in steps:
-            (loss / len(steps)).backward()
+            loss.backward()
         clip_by_hand(list(model.parameters()), CUT["grad_clip"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad()
-        expected.append((sum(loss.item() for loss, _ in steps) / 2, sum(f for _, f in steps) / 2))
+        expected.append((sum(loss.item() for loss, _ in steps), sum(f for _, f in steps)))
     log = log_of(out)
     assert [r["lr"] for r in log] == pytest.approx(RATES, rel=1e-12)
     assert [r["loss"] for r in log] == pytest.approx([e[0] for e in expected], abs=2e-5)
@@ -126,7 +126,9 @@ def test_lora_dpo_starts_at_ln2_falls_and_equals_the_hand_loss(tmp_path, base_di
     cfg = train.Config(**DPO, **COMMON)
     with torch.no_grad():
         steps = train.micro_batches(pairs, 1, cfg, 0, 1)
-        by_hand = sum(dpo_by_hand(policy, reference, s, DPO["beta"]) for s in steps) / len(steps)
+        # each micro-step's mean weighs by its pairs: the mean over the iteration's pairs
+        by_hand = sum(dpo_by_hand(policy, reference, s, DPO["beta"]) * len(s) for s in steps)
+        by_hand = by_hand / sum(map(len, steps))
     assert abs(by_hand.item() - math.log(2)) > 1e-3
     assert log[1] == pytest.approx(by_hand.item(), abs=2e-5)
     # the adapters sit on q_proj and v_proj alone: an A and a B each, the rest is the base
