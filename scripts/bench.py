@@ -490,7 +490,8 @@ def print_memory_table():
           f"tokens: --batch_size={b['rows'] // 2} CUT triples, --max_len={b['seq']}), "
           f"gradient_accumulation_steps=1, LoRA rank {LORA_RANK} on gate/up/down_proj.\n"
           f"'other': autocast's bf16 copies of the weights and the lm_head's gradient "
-          f"(full + DDP), or FSDP's gathered root and blocks and their unsharded gradients.\n"
+          f"(full + DDP), or FSDP's gathered root and blocks and their unsharded gradients; "
+          f"with a bf16 lm_head (LoRA, FSDP), its fp32 copy: the logits are fp32.\n"
           f"peak: weights + AdamW (+ gradients, which DDP's buckets and FSDP's shards hold) + the "
           f"larger of other + activations and the end of backward.\n")
     head = ("model", "params", "setup", "weights", "grads", "AdamW", "other", "activations",
