@@ -47,16 +47,14 @@ def test_gpu_check_rehearsed_on_the_cpu(tmp_path):
     assert got[1] - got[0] == pytest.approx(ref[1] - ref[0], rel=0.05)
     runs = {line.split(":")[0]: json.loads(line.split("losses ")[1])
             for line in lines if line.startswith("torchrun")}
-    ddp = runs["torchrun DDP, 1 processes, float32"]
     fsdp = runs["torchrun FSDP, 1 processes, float32"]
-    assert len(runs) == 2 and fsdp == pytest.approx(ddp, rel=1e-4)
-    assert "FSDP losses within 0.0001 (relative) of DDP's: PASS" in lines
-    # and they are train.py's losses: the same run (bench.py's dry settings) in this process
+    assert len(runs) == 1
+    # FSDP's losses are train.py's: the same run (bench.py's dry settings) in this process
     one = train.main(["--data=builtin", "--task_size=400", "--base_iters=0", "--max_iters=4",
                       "--eval_interval=4", "--log_interval=1", "--batch_size=4", "--max_len=160",
                       "--device=cpu", "--dtype=float32", "--warmup_iters=1", "--lam=1.0",
                       "--dim=32", "--n_layers=1", "--n_heads=2", f"--out_dir={tmp_path}"])
     log = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert one["iters"] == 4 and ddp == pytest.approx(log, rel=1e-4)
+    assert one["iters"] == 4 and fsdp == pytest.approx(log, rel=1e-4)
     assert any(line.startswith("CUT step, tiny-shaped, bf16, 2 x 64 tokens on CPU")
                for line in lines)

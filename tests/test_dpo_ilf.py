@@ -173,8 +173,8 @@ def test_dpo_needs_a_reference_and_no_fsdp(tmp_path, base_and_pairs):
                     f"--init_from={base_and_pairs[0]}"])
 
 
-@pytest.mark.parametrize("loss, data, lora", [("dpo", "pairs", True), ("ilf_dpo", "refined", False),
-                                              ("ilf_mle", "refined", False)])
+# ilf_dpo: dpo's loss and reference on ilf_mle's data, both checked here
+@pytest.mark.parametrize("loss, data, lora", [("dpo", "pairs", True), ("ilf_mle", "refined", False)])
 def test_under_torchrun_equals_one_process(tmp_path, base_and_pairs, loss, data, lora):
     base, pairs, refined = base_and_pairs
     file = pairs if data == "pairs" else refined
