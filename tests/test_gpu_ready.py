@@ -23,7 +23,7 @@ from support.runs import LOCKS
 from support.settings import configure
 from support.tokenizer import Tokenizer
 from support.triple_files import load_triples
-from test_train import ROOT, SUBPROCESS_ENV, TINY, log_of, torchrun, train_state
+from test_train import ROOT, SUBPROCESS_ENV, TINY, log_of, train_state
 
 # aten calls that make the host wait for a GPU: reading a value (item, int, bool) or an output
 # whose size depends on values (nonzero, a boolean mask)
@@ -125,12 +125,13 @@ def wait_for(condition, proc, seconds=120):
         time.sleep(0.05)
 
 
-def test_sigterm_to_every_process_of_a_torchrun_job_saves_where_it_stopped(tmp_path):
-    """A scheduler signals every process of the job and torchrun forwards its copy to the
-    workers: each worker sees SIGTERM twice, finishes its iteration and saves all the same, and
-    --resume goes on from there."""
+def test_builtin_torchrun_job_signalled_everywhere_saves_where_it_stopped(tmp_path):
+    """The built-in run under torchrun, its base shorter than eval_interval (its one save is its
+    last act: the CUT stage must wait for it). Then a scheduler signals every process and torchrun
+    forwards its copy: each worker sees SIGTERM twice, finishes its iteration and saves all the
+    same, and --resume goes on from there (one process: the same micro-steps as two)."""
     out = tmp_path / "run"
-    argv = [*TINY, "--gradient_accumulation_steps=2", f"--out_dir={out}"]
+    argv = [*TINY, "--base_iters=3", "--gradient_accumulation_steps=2", f"--out_dir={out}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train.py", *argv, "--max_iters=300"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
@@ -139,10 +140,10 @@ def test_sigterm_to_every_process_of_a_torchrun_job_saves_where_it_stopped(tmp_p
     for pid in [proc.pid, *descendants(proc.pid)]:
         os.kill(pid, signal.SIGTERM)
     proc.communicate(timeout=60)
+    assert train_state(out / "base")["iter"] == 3
     stopped_at = train_state(out)["iter"]
     assert 3 <= stopped_at < 300
     assert [r["iter"] for r in log_of(out)] == list(range(stopped_at))
-    # any number of processes runs the same micro-steps: one process resumes the 2-process run
     train.main([*argv, f"--max_iters={stopped_at + 2}", "--resume=True"])
     assert [r["iter"] for r in log_of(out)] == list(range(stopped_at + 2))
 
@@ -161,8 +162,7 @@ train.main(sys.argv[3:])
 """
 
 
-@pytest.mark.parametrize("grace_s, sig", [(5, signal.SIGINT), (5, signal.SIGTERM),
-                                          (0, signal.SIGTERM)])
+@pytest.mark.parametrize("grace_s, sig", [(5, signal.SIGINT), (0, signal.SIGTERM)])
 def test_a_repeated_signal_within_the_grace_period_is_the_same_stop(tmp_path, grace_s, sig):
     """A signal twice during iteration 3: within the grace period the run still saves after it
     (exit 128 + the signal); past it (grace 0 s) the second signal kills at once, unsaved."""
@@ -176,13 +176,6 @@ def test_a_repeated_signal_within_the_grace_period_is_the_same_stop(tmp_path, gr
         return
     assert proc.returncode == 128 + sig, proc.stderr[-2000:]
     assert train_state(out)["iter"] == 4 and [r["iter"] for r in log_of(out)] == [0, 1, 2, 3]
-
-
-def test_builtin_run_under_torchrun_reads_its_base_once_saved(tmp_path):
-    """The base trains fewer iterations than eval_interval, so its one save is its last act: the
-    CUT stage's processes must wait for it, not find base/ without a checkpoint."""
-    torchrun(tmp_path, *TINY, "--base_iters=3", "--max_iters=2", "--gradient_accumulation_steps=2")
-    assert train_state(tmp_path / "base")["iter"] == 3 and train_state(tmp_path)["iter"] == 2
 
 
 def test_lora_on_a_bf16_base_saves_every_tensor_in_bf16(tmp_path):
