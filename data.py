@@ -153,6 +153,7 @@ class Batch:
     idx: torch.Tensor  # (R, T) input ids, right-padded
     positions: torch.Tensor  # (R, N) the position of idx that predicts each trained token
     targets: torch.Tensor  # (R, N) the trained ids y (+ EOS), left-aligned, -100 on padding
+    mask: torch.Tensor  # (R, N) float: 1 on the trained ids, 0 on padding (cut_loss.py's mask)
     x_rows: torch.Tensor  # (B,) row of each triple's x -> y sequence
     j_rows: torch.Tensor  # (B,) row of each triple's judgment sequence (== x_rows where none)
     is_neg: torch.Tensor  # (B,) bool: the triple is flawed
@@ -186,5 +187,5 @@ def collate(encoded: list[Encoded], pad_id: int = 0) -> Batch:
         positions[r, :len(t)] = torch.arange(len(p) - 1, len(seq) - 1)
         targets[r, :len(t)] = torch.tensor(t)
     is_neg = torch.tensor([e.is_neg for e in encoded])
-    return Batch(idx, positions, targets, torch.tensor(x_rows), torch.tensor(j_rows), is_neg,
-                 n_tokens=sum(len(p) + len(t) - 1 for p, t in rows))
+    return Batch(idx, positions, targets, (targets != -100).float(), torch.tensor(x_rows),
+                 torch.tensor(j_rows), is_neg, n_tokens=sum(len(p) + len(t) - 1 for p, t in rows))

@@ -91,11 +91,10 @@ def score(model, tok, chat, triples, c, max_len):
         rows = kept[k:k + c.batch_size]
         b = collate([enc[i][0] for i in rows], tok.eos_id).to(c.device)
         logp = model(b.idx, b.positions, b.targets)
-        mask = (b.targets != -100).float()
         logp_x = logp[b.x_rows].cpu()
         logp_j = logp[b.j_rows].cpu()
-        _, stats = cut_loss(logp_x, logp_j, b.is_neg.cpu(), mask[b.x_rows].cpu(), c.lam)
-        lengths = mask[b.x_rows].sum(1).int().tolist()
+        _, stats = cut_loss(logp_x, logp_j, b.is_neg.cpu(), b.mask[b.x_rows].cpu(), c.lam)
+        lengths = b.mask[b.x_rows].sum(1).int().tolist()
         for r, (i, n) in enumerate(zip(rows, lengths)):
             out[i] = (logp_x[r, :n], logp_j[r, :n], stats["U"][r, :n])
     return out

@@ -140,12 +140,11 @@ def forward_loss(model, encoded, cfg, pad_id, dev, autocast, ref=None):
     """One batched forward of every sequence of these triples: (loss, stats, tokens processed).
     ref: DPO's reference model, a function of (idx, positions, targets) like the model."""
     batch = collate(encoded, pad_id).to(dev)
-    mask = (batch.targets != -100).float()
     with autocast:
         logp = model(batch.idx, batch.positions, batch.targets)
         ref_logp = None if ref is None else ref(batch.idx, batch.positions, batch.targets)
-        loss, stats = batch_loss(cfg.loss, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
-                                 cfg.lam, cfg.alpha, cfg.gamma, ref_logp, cfg.beta)
+        loss, stats = batch_loss(cfg.loss, logp, batch.mask, batch.x_rows, batch.j_rows,
+                                 batch.is_neg, cfg.lam, cfg.alpha, cfg.gamma, ref_logp, cfg.beta)
     return loss, stats, batch.n_tokens
 
 

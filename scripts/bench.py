@@ -240,7 +240,7 @@ def token_logprobs(model, batch, hf):
     rows = torch.arange(len(batch.idx))[:, None]
     logp = logits[rows, batch.positions].float().log_softmax(-1)
     logp = logp.gather(2, batch.targets.clamp(min=0)[..., None])[..., 0]
-    return logp * (batch.targets != -100)
+    return logp * batch.mask
 
 
 def train_step(model, batch, mode, opt, hf=False):
@@ -250,8 +250,7 @@ def train_step(model, batch, mode, opt, hf=False):
     t = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logp = token_logprobs(model, batch, hf)
-        mask = (batch.targets != -100).float()
-        loss, _ = batch_loss(mode, logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
+        loss, _ = batch_loss(mode, logp, batch.mask, batch.x_rows, batch.j_rows, batch.is_neg,
                              1.1, 1.0, 0.0)
     loss.backward()
     opt.step()

@@ -201,10 +201,9 @@ def test_end_to_end_cut_finds_the_planted_error_token():
     losses = []
     for _ in range(150):
         logp = model(batch.idx, batch.positions, batch.targets)
-        mask = (batch.targets != -100).float()
         # lam 2: on near-deterministic toy data lam 1.1 lets U take uncertain tokens too
         # (evidence-notes.md, 2)
-        loss, stats = batch_loss('cut', logp, mask, batch.x_rows, batch.j_rows, batch.is_neg,
+        loss, stats = batch_loss('cut', logp, batch.mask, batch.x_rows, batch.j_rows, batch.is_neg,
                                  2.0, 1.0, 0.0)
         opt.zero_grad()
         loss.backward()
