@@ -17,6 +17,7 @@ are reused.
 This is an experiment driver: it runs train.py and scripts.online_compare.
 """
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -44,6 +45,7 @@ class Config:
     methods: str = "cut,sft,dpo"
     lrs: str = "1e-4,3e-4"
     dpo_lrs: str = "1e-6,1e-5"
+    lam: float = 2.0              # cut's U: scripts.own_flaws chooses it on validation
     iters: str = "150"            # train.py iterations a round, chosen with the rate on validation
     small_iters: str = "25,150"   # the same for the sizes after the first: few triples overfit
     seeds: int = 3
@@ -62,10 +64,11 @@ def make_base(c, iters):
     base = run / "base"
     if not (run / "config.json").is_file():  # the CUT step saves once the base has finished
         run.mkdir(parents=True, exist_ok=True)
-        with open(Path(c.out_dir) / "train.log", "a") as log:
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
+        with open(Path(c.out_dir) / f"base{iters}.log", "a") as log:
             subprocess.run([sys.executable, "train.py", f"--out_dir={run}",
                             f"--base_iters={iters}", "--max_iters=1", "--overwrite=True"],
-                           cwd=HERE, check=True, stdout=log, stderr=log)
+                           cwd=HERE, check=True, stdout=log, stderr=log, env=env)
     return base
 
 
@@ -75,20 +78,20 @@ def one_point(c, base, name, size, iters, injected=0.0):
     settings = online_compare.Config(
         base=str(base), out_dir=str(Path(c.out_dir) / name), lrs=c.lrs, iters=iters,
         methods=c.injected_methods if injected else c.methods,
-        dpo_lrs=c.dpo_lrs, rounds=1, judge_calls=size, injected=injected, seeds=c.seeds,
-        jobs=c.jobs)
+        dpo_lrs=c.dpo_lrs, lam=c.lam, rounds=1, judge_calls=size, injected=injected,
+        seeds=c.seeds, jobs=c.jobs)
     return online_compare.compare(settings)
 
 
 def detection(c, base, rows, name):
-    """U of the base (lam 2) against the judge's wrong tokens on the round's flawed responses (seed
+    """U of the base (at lam) against the judge's wrong tokens on the round's flawed responses (seed
     1's, the same data for every method but dpo), and those responses' kinds of mistake; U on
     the task's flawed responses, from round 0's evaluation."""
     cut = next(r for r in rows if r["method"] == "cut")
     run = Path(c.out_dir) / name / online_compare.run_name("cut", cut["lr"], cut["iters"], 1)
     data = run / "round1" / "data.jsonl"
     flawed = [t for t in load_triples(data, verbose=False) if t.judgment]
-    settings = ev.Config(ckpt=str(base), device="cpu")
+    settings = ev.Config(ckpt=str(base), device="cpu", lam=c.lam)
     model, tok, chat = ev.load(base, settings)
     kinds = Counter(letters.check_response(t.instruction, t.response).kind for t in flawed)
     shares = {k: kinds[k] / len(flawed) for k in ("swap", "missing", "order", "extra", "garbage")}

@@ -22,7 +22,7 @@ keeps the instructions where one was acceptable and one flawed (the judge ranked
 the current model refine each flawed response. With --injected=SHARE the round's responses are not
 sampled but the built-in task's fixed ones, that share flawed: the offline setting, to tell the
 model's own mistakes from injected ones. Each finished step is reused when the command runs again,
-with the run's own settings only (README, Online rounds: the run directory's rules). This is an
+with the run's own settings only (docs/usage.md: the loop's run directory). This is an
 experiment driver: it runs train.py and eval.py as a user would.
 """
 import json

@@ -38,6 +38,7 @@ class Config:
     rounds: int = 3
     judge_calls: int = 384        # responses judged per round
     injected: float = 0.0         # > 0: scripts.online's injected flaws instead of the samples
+    lam: float = 2.0              # cut's U (scripts.online --lam): scripts.own_flaws chooses it on val
     seeds: int = 3
     jobs: int = 1                 # scripts.online processes at once
 
@@ -65,7 +66,7 @@ def online(c, method, lr, iters, seed, split):
     out.mkdir(parents=True, exist_ok=True)
     argv = [f"--base={c.base}", f"--out_dir={out}", f"--method={method}", f"--learning_rate={lr}",
             f"--max_iters={iters}", f"--seed={seed}", f"--split={split}", f"--rounds={c.rounds}",
-            f"--judge_calls={c.judge_calls}", f"--injected={c.injected}"]
+            f"--judge_calls={c.judge_calls}", f"--injected={c.injected}", f"--lam={c.lam}"]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
     with open(out / f"online_{split}.log", "a") as log:
         subprocess.run([sys.executable, "-m", "scripts.online", *argv], cwd=HERE, check=True,

@@ -565,3 +565,31 @@ def test_long_flaws_swap_two_neighbours_in_long_lists_and_compare_end_to_end(tmp
         accs = [json.loads((run / "long_eval_test.json").read_text())["ok"] for run in runs]
         assert r["test"] == pytest.approx(sum(accs) / 2)
     assert "| 0.5 | `cut` |" in (tmp_path / "long_flaws.md").read_text()
+
+
+def test_own_flaws_chooses_lambda_on_validation_and_reports_test(monkeypatch, tmp_path, base):
+    from scripts import own_flaws
+    import eval as ev
+    monkeypatch.setattr(own_flaws, "make_base", lambda c, steps, named: base)
+    rows = own_flaws.main([f"--out_dir={tmp_path}", "--base_steps=7", "--unnamed_steps=",
+                           "--n=24", "--lams=1.1,3"])
+    row = rows[0]
+    settings = ev.Config(ckpt=str(base), device="cpu")
+    loaded = ev.load(base, settings)
+
+    def flawed(split):  # the samples the driver saved, judged again by hand
+        samples = json.loads((tmp_path / "base7-named" / f"samples_{split}.json").read_text())
+        assert len(samples) == 24
+        judged = [(x, y, letters.check_response(x, y).judgment) for x, y in samples]
+        return [letters.Triple(x, y, j) for x, y, j in judged if j]
+    val = {lam: ev.token_detection(*loaded, flawed("val"), replace(settings, lam=lam)) for lam in (1.1, 3)}
+    good = [lam for lam in val if (val[lam]["U_precision"] or 0) >= 0.7]
+    if good:  # the highest recall at precision >= 0.7, else the highest precision
+        lam = max(good, key=lambda k: val[k]["U_recall"])
+    else:
+        lam = max(val, key=lambda k: val[k]["U_precision"] or 0)
+    assert row["lam"] == lam
+    test = ev.token_detection(*loaded, flawed("test"), replace(settings, lam=lam))
+    assert {k: row[k] for k in test} == test and row["flawed"] == len(flawed("test"))
+    assert sum(row[k] for k in own_flaws.KINDS) == pytest.approx(1)
+    assert "| 7 | yes |" in (tmp_path / "own_flaws.md").read_text()
