@@ -33,6 +33,7 @@ class Config:
     refine_share: float = 0.2     # of the base data: examples that teach refining
     n_check: int = 300            # held-out flawed responses whose refinements are judged
     seed: int = 1337              # train.py's default, so that the rest of the base is the same
+    base_iters: int = 1200        # a stronger base than the quick start's
 
 
 def refine_examples(n, seed, split):
@@ -49,7 +50,7 @@ def main(argv):
     c = configure(Config(), argv)
     root = Path(c.out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    base = train.base_config(train.Config(out_dir=str(root), seed=c.seed))
+    base = train.base_config(train.Config(out_dir=str(root), seed=c.seed, base_iters=c.base_iters))
     n_refine = round(base.task_size * c.refine_share)
     triples = letters.make_task(base.task_size, seed=base.seed, kind="base")
     triples += refine_examples(n_refine, seed=base.seed + 7, split="train")
