@@ -76,6 +76,7 @@ def _sentence(kind, response, place, named, name_letters, i=0):
     text = wordings[(zlib.crc32(response.encode()) + i) % len(wordings)]
     quoted = " and ".join(f"'{c}'" for c in named)
     named = f", {quoted}," if name_letters else ""
+    # a name that ends a clause keeps its stop: "the third letter, 'k'." not "'k',."
     return text.format(place=_ordinal(place), named=named).replace(",.", ".").replace(",:", ":")
 
 
