@@ -104,7 +104,8 @@ def detect(c, model, named, run):
     loaded, settings, flawed, n = own_flaws(c, model, "test", named, run)
     settings = replace(settings, lam=lam)
     row = dict(named=named, lam=lam, flawed_share=len(flawed) / n, flawed=len(flawed),
-               val={str(k): v for k, v in at.items()}, **ev.token_detection(*loaded, flawed, settings))
+               val={str(k): v for k, v in at.items()})
+    row.update(ev.token_detection(*loaded, flawed, settings))
     kinds = [letters.check_response(t.instruction, t.response).kind for t in flawed]
     for kind in KINDS:
         mine = [t for t, k in zip(flawed, kinds) if k == kind]
