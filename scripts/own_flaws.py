@@ -13,8 +13,6 @@ This is an experiment driver: it runs train.py and eval.py's functions.
 """
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,13 +21,11 @@ import torch
 
 import eval as ev
 import train
-from scripts import crossing
-from scripts.refine_base import TRAIN_KEYS
+from scripts import crossing, refine_base
 from support.settings import configure, run_program
 from support.triple_files import Triple
 from tasks import letters
 
-HERE = Path(__file__).resolve().parents[1]  # the repository
 KINDS = ("swap", "missing", "order", "extra", "garbage")
 
 
@@ -56,21 +52,13 @@ def make_base(c, steps, named):
     if named:
         return crossing.make_base(crossing.Config(out_dir=c.bases_dir, jobs=c.jobs), steps)
     run = where(c, steps, named)
-    model = run / "base"
-    if (model / "train_state.pt").is_file():
-        return model
     run.mkdir(parents=True, exist_ok=True)
     base = train.base_config(train.Config(out_dir=str(run), base_iters=steps))
     triples = letters.make_task(base.task_size, seed=base.seed, kind="base", name_letters=named)
-    data = run / "base_data.jsonl"
-    data.write_text("".join(json.dumps(asdict(t)) + "\n" for t in triples))
-    settings = replace(base, data=str(data), out_dir=str(model), init_from="scratch")
-    args = [f"--{k}={v}" for k, v in asdict(settings).items() if k in TRAIN_KEYS]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // c.jobs)))
     with open(run / "train.log", "a") as log:
-        subprocess.run([sys.executable, "train.py", *args, "--overwrite=True"], cwd=HERE,
-                       check=True, stdout=log, stderr=log, env=env)
-    return model
+        return refine_base.train_base(base, triples, run, "--overwrite=True", stdout=log,
+                                      stderr=log, env=env)
 
 
 def own_flaws(c, model, split, named, run):

@@ -46,6 +46,20 @@ def refine_examples(n, seed, split):
     return out
 
 
+def train_base(base, triples, root, *flags, **run_kwargs):
+    """root/base: train.py from scratch at the base settings `base` on these triples (written to
+    root/base_data.jsonl), unless it has finished; flags go to train.py, run_kwargs to subprocess."""
+    data = root / "base_data.jsonl"
+    data.write_text("".join(json.dumps(asdict(t)) + "\n" for t in triples))
+    model = root / "base"
+    if not (model / "train_state.pt").is_file():
+        settings = replace(base, data=str(data), out_dir=str(model), init_from="scratch")
+        args = [f"--{k}={v}" for k, v in asdict(settings).items() if k in TRAIN_KEYS]
+        subprocess.run([sys.executable, "train.py", *args, *flags], cwd=HERE, check=True,
+                       **run_kwargs)
+    return model
+
+
 def main(argv):
     c = configure(Config(), argv)
     root = Path(c.out_dir)
@@ -55,13 +69,7 @@ def main(argv):
     triples = letters.make_task(base.task_size, seed=base.seed, kind="base")
     triples += refine_examples(n_refine, seed=base.seed + 7, split="train")
     random.Random(c.seed).shuffle(triples)
-    data = root / "base_data.jsonl"
-    data.write_text("".join(json.dumps(asdict(t)) + "\n" for t in triples))
-    model = root / "base"
-    if not (model / "train_state.pt").is_file():
-        settings = replace(base, data=str(data), out_dir=str(model), init_from="scratch")
-        args = [f"--{k}={v}" for k, v in asdict(settings).items() if k in TRAIN_KEYS]
-        subprocess.run([sys.executable, "train.py", *args], cwd=HERE, check=True)
+    model = train_base(base, triples, root)
     held = root / "check.jsonl"
     flawed = letters.make_task(c.n_check, seed=c.seed + 99, kind="mixed", flawed_frac=1.0,
                                split="test")

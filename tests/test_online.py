@@ -358,6 +358,7 @@ def test_online_compare_names_a_run_by_its_iterations_unless_the_default(monkeyp
     online_compare.online(c, "cut", 1e-4, 20, 2, "val")
     assert (tmp_path / "cut-lr0.0001-s2").is_dir() and (tmp_path / "cut-lr0.0001-it20-s2").is_dir()
     assert "--max_iters=20" in argvs[1] and "--injected=0.5" in argvs[1]
+    assert "--lam=2.0" in argvs[1]  # cut's lambda reaches every run
 
 
 def test_downsample_keeps_acceptable_triples_at_a_share_of_the_flawed(tmp_path):
