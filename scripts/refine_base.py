@@ -36,11 +36,25 @@ class Config:
     base_iters: int = 1200        # a stronger base than the quick start's
 
 
+def flawed_examples(n, seed, split):
+    """n judged triples of the task, each response with one mistake of the kinds the base makes
+    (letters.any_mistake): ILF asks the refiner to fix the model's own mistakes, mostly letters
+    never given, so it learns and is checked on those, not only on 'mixed' data's swaps."""
+    rng = random.Random(seed)
+    out = []
+    for t in letters.make_task(n, seed=seed, kind="mixed", flawed_frac=0.0, split=split):
+        answer = sorted(letters.LETTER_LIST.search(t.instruction).group().split(", "))
+        wrong = ", ".join(letters.any_mistake(rng, answer))
+        response = t.response.replace(", ".join(answer), wrong)
+        out.append(Triple(t.instruction, response, letters.check_response(t.instruction, response)
+                          .judgment))
+    return out
+
+
 def refine_examples(n, seed, split):
     """n (refinement prompt, correct answer) triples of flawed responses to the task."""
-    flawed = letters.make_task(n, seed=seed, kind="mixed", flawed_frac=1.0, split=split)
     out = []
-    for t in flawed:
+    for t in flawed_examples(n, seed, split):
         answer = ", ".join(sorted(letters.LETTER_LIST.search(t.instruction).group().split(", ")))
         out.append(Triple(refine_prompt(t), answer, None))
     return out
@@ -71,8 +85,7 @@ def main(argv):
     random.Random(c.seed).shuffle(triples)
     model = train_base(base, triples, root)
     held = root / "check.jsonl"
-    flawed = letters.make_task(c.n_check, seed=c.seed + 99, kind="mixed", flawed_frac=1.0,
-                               split="test")
+    flawed = flawed_examples(c.n_check, seed=c.seed + 99, split="test")
     held.write_text("".join(json.dumps(asdict(t)) + "\n" for t in flawed))
     refined = root / "check.refined.json"
     if not refined.is_file():

@@ -304,14 +304,20 @@ def test_injected_flaws_replace_the_samples_with_the_tasks_fixed_responses(tmp_p
             online.main([*args, bad])
 
 
-def test_refine_base_teaches_refining_with_correct_answers():
+def test_refine_base_teaches_refining_every_kind_with_correct_answers():
     from scripts.refine import refine_prompt
     from scripts import refine_base
-    flawed = letters.make_task(20, seed=5, kind="mixed", flawed_frac=1.0, split="train")
-    examples = refine_base.refine_examples(20, seed=5, split="train")
+    flawed = refine_base.flawed_examples(200, seed=5, split="train")
+    examples = refine_base.refine_examples(200, seed=5, split="train")
     assert [e.instruction for e in examples] == [refine_prompt(t) for t in flawed]
     for t, e in zip(flawed, examples):
         assert e.judgment is None and letters.check_response(t.instruction, e.response).kind == "ok"
+    # the refiner reads the kinds of mistake the model makes, a letter never given most of all
+    kinds = Counter(letters.check_response(t.instruction, t.response).kind for t in flawed)
+    assert set(kinds) == {"extra", "missing", "swap", "order"}
+    assert kinds["extra"] > 100
+    assert all(t.judgment == letters.check_response(t.instruction, t.response).judgment
+               for t in flawed)
 
 
 def test_online_compare_chooses_each_method_rate_on_validation(monkeypatch, tmp_path):
