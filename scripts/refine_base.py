@@ -43,20 +43,24 @@ def flawed_examples(n, seed, split):
     rng = random.Random(seed)
     out = []
     for t in letters.make_task(n, seed=seed, kind="mixed", flawed_frac=0.0, split=split):
-        answer = sorted(letters.LETTER_LIST.search(t.instruction).group().split(", "))
+        answer = sorted_letters(t.instruction)
         wrong = ", ".join(letters.any_mistake(rng, answer))
         response = t.response.replace(", ".join(answer), wrong)
-        out.append(Triple(t.instruction, response, letters.check_response(t.instruction, response)
-                          .judgment))
+        judgment = letters.check_response(t.instruction, response).judgment
+        out.append(Triple(t.instruction, response, judgment))
     return out
+
+
+def sorted_letters(instruction):
+    """The right answer to a task instruction, as a list of letters."""
+    return sorted(letters.LETTER_LIST.search(instruction).group().split(", "))
 
 
 def refine_examples(n, seed, split):
     """n (refinement prompt, correct answer) triples of flawed responses to the task."""
     out = []
     for t in flawed_examples(n, seed, split):
-        answer = ", ".join(sorted(letters.LETTER_LIST.search(t.instruction).group().split(", ")))
-        out.append(Triple(refine_prompt(t), answer, None))
+        out.append(Triple(refine_prompt(t), ", ".join(sorted_letters(t.instruction)), None))
     return out
 
 
